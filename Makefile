@@ -1,0 +1,34 @@
+# Needs only python3 (3.11+). The first target run bootstraps uv into .tools/ and builds
+# .venv from uv.lock (pinned), so `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+UV := .tools/bin/uv
+VENV := .venv/bin
+
+.PHONY: demo test lint format env bench clean
+
+demo: env
+	$(VENV)/whatsapp-call demo
+
+test: env lint
+	$(VENV)/pytest
+
+lint: env
+	$(VENV)/ruff check .
+	$(VENV)/ruff format --check .
+
+format: env
+	$(VENV)/ruff format .
+	$(VENV)/ruff check --fix .
+
+env: $(UV)
+	$(UV) sync --frozen --all-packages --quiet
+
+$(UV):
+	$(PYTHON) -m venv .tools
+	.tools/bin/pip install --quiet --disable-pip-version-check uv==0.13.9
+
+bench: env
+	$(VENV)/python -m bench.run_all
+
+clean:
+	rm -rf .venv .tools .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""WhatsApp Cloud API (Meta Graph API) provider for whatsapp-call."""

@@ -1,0 +1,1 @@
+"""OpenAI Realtime (GA, WebSocket) voice backend for whatsapp-call."""

@@ -1,0 +1,1 @@
+"""Twilio Network Traversal Service (TURN credentials) for whatsapp-call."""

@@ -1,0 +1,1 @@
+"""WATI Calling API provider for whatsapp-call."""

@@ -1,0 +1,1 @@
+"""Wire-faithful local simulators: WhatsApp (Meta, WATI), a WhatsApp user, OpenAI Realtime, Twilio TURN."""
