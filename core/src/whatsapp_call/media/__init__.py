@@ -1,0 +1,1 @@
+"""WebRTC media for WhatsApp calls (aiortc), and the audio bridge to a voice backend."""
