@@ -188,8 +188,7 @@ def config_init(provider: str, path: str, force: bool) -> None:
 def _register_plugin_commands() -> None:
     try:
         plugin_mod.load_plugins()
-    except WhatsAppCallError as exc:  # a broken plugin must not take the CLI down
-        click.echo(f"Warning: {exc}", err=True)
+    except WhatsAppCallError:  # reported by the command itself, which then fails cleanly
         return
     for _name, impl in [
         (i.plugin_name, i) for i in plugin_mod.pm.hook.register_commands.get_hookimpls()

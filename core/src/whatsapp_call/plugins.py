@@ -39,15 +39,30 @@ pm = pluggy.PluginManager("whatsapp_call")
 pm.add_hookspecs(hookspecs)
 
 _loaded = False
+_load_error: PluginError | None = None
 _tracing = False
 
 
 def load_plugins() -> None:
-    """Load installed plugins (once), check hook names, and enable tracing if asked."""
-    global _loaded
+    """Load installed plugins (once), check hook names, and enable tracing if asked.
+
+    A load failure is remembered and raised again on every later call, so no command runs
+    with a silently incomplete set of plugins.
+    """
+    global _loaded, _load_error
+    if _load_error is not None:
+        raise _load_error
     if _loaded:
         return
     _loaded = True
+    try:
+        _load_all()
+    except PluginError as exc:
+        _load_error = exc
+        raise
+
+
+def _load_all() -> None:
     if not hasattr(sys, "_called_from_test"):
         wanted = os.environ.get(PLUGINS_ENV)
         if wanted is None:
