@@ -125,7 +125,12 @@ class Settings(BaseModel):
         description="Restrict ICE host candidates to these local IPs (e.g. [127.0.0.1]); "
         "default every interface except loopback.",
     )
-    ice_gather_timeout_seconds: float = Field(5.0, gt=0, le=60)
+    ice_gather_timeout_seconds: float = Field(
+        5.0, gt=0, le=60, description="Longest wait for ICE candidates before the offer is sent."
+    )
+    dead_peer_seconds: float = Field(
+        10.0, gt=0, le=60, description="End a call after this long without audio from the caller."
+    )
 
     # Service
     webhook_url: str | None = Field(None, description="Public HTTPS URL of the webhook.")

@@ -1,0 +1,1 @@
+"""Calls: the orchestrator (one state machine per call) and live updates for watchers."""
