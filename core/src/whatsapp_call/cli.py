@@ -185,6 +185,12 @@ def config_init(provider: str, path: str, force: bool) -> None:
     )
 
 
+def _register_core_commands() -> None:
+    from .commands import calling
+
+    calling.register(cli)
+
+
 def _register_plugin_commands() -> None:
     try:
         plugin_mod.load_plugins()
@@ -196,4 +202,5 @@ def _register_plugin_commands() -> None:
         impl.function(cli)
 
 
+_register_core_commands()
 _register_plugin_commands()

@@ -21,6 +21,8 @@ class LiveUpdates:
         self._watchers: dict[str, set[asyncio.Queue[dict[str, Any] | None]]] = defaultdict(set)
 
     def publish(self, call_id: str, update: dict[str, Any]) -> None:
+        """Send `update` (tagged with `call_id`) to the call's watchers and to "*" watchers."""
+        update = {"call_id": call_id, **update}
         for key in (call_id, "*"):
             for queue in list(self._watchers.get(key, ())):
                 if queue.full():

@@ -1,0 +1,88 @@
+"""The running service, assembled: call store + orchestrator + HTTP server (webhooks, service
+API, health, metrics). `serve`, a local `call` and `demo` all run exactly this.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import Any
+
+from .config import Settings
+from .errors import ConfigError
+
+log = logging.getLogger("whatsapp_call.runtime")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Runtime:
+    """`async with Runtime(settings) as rt:` serves until the block ends, then shuts down
+    gracefully: active calls are ended politely and the store is flushed."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store: Any = None
+        self.service: Any = None
+        self.metrics: Any = None
+        self.server: Any = None
+        self.reconciled: list[Any] = []
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    async def __aenter__(self) -> Runtime:
+        from .api import api_routes
+        from .calls.orchestrator import CallService
+        from .server import create_app
+        from .server.metrics import Metrics
+        from .serving import AsgiServer
+        from .store import open_store
+
+        settings = self.settings
+        settings.require_complete()
+        if not _is_loopback(settings.listen_host) and settings.service_token is None:
+            raise ConfigError(
+                f"Refusing to listen on {settings.listen_host} without a serviceToken: anyone who "
+                "reaches it could place calls on your account.",
+                "Set serviceToken (a long random string), or listen on 127.0.0.1.",
+            )
+        self.store = open_store(settings)
+        await self.store.open()
+        try:
+            self.metrics = Metrics()
+            self.metrics.seed_from_store(await self.store.count_by_state())
+            self.service = CallService(settings, self.store, metrics=self.metrics)
+            app = create_app(
+                settings,
+                self.store,
+                on_events=self.service.handle_events,
+                metrics=self.metrics,
+                extra_routes=api_routes(self.service),
+            )
+            self.server = AsgiServer(app, settings.listen_host, settings.listen_port)
+            await self.server.start()
+            self.reconciled = await self.service.start()
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        if self.service is not None:
+            await self.service.shutdown()
+        if self.server is not None:
+            await self.server.stop()
+        if self.store is not None:
+            await self.store.close()
