@@ -56,6 +56,7 @@ EVERY_KEY = {
     "stunServers": [],
     "iceHostAddresses": ["127.0.0.1"],
     "iceGatherTimeoutSeconds": 2,
+    "deadPeerSeconds": 7,
     "webhookUrl": "https://example.com/webhooks/meta",
     "serviceUrl": "http://127.0.0.1:1",
     "serviceToken": "service-token-value",
@@ -67,6 +68,8 @@ EVERY_KEY = {
     "permissionWaitSeconds": 120,
     "maxConcurrentCalls": 3,
     "allowedNumbers": ["+4930*"],
+    "toolCallsPerNumberPerHour": 2,
+    "toolCallsPerHour": 9,
     "logLevel": "debug",
 }
 SECRETS = [

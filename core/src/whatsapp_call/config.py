@@ -152,6 +152,12 @@ class Settings(BaseModel):
     allowed_numbers: list[str] | None = Field(
         None, description="Agent tool: only these numbers/patterns may be called."
     )
+    tool_calls_per_number_per_hour: int = Field(
+        3, ge=1, description="Agent tool: at most this many calls to one number per hour."
+    )
+    tool_calls_per_hour: int = Field(
+        30, ge=1, description="Agent tool: at most this many calls in all per hour."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     _plugin_values: dict[str, Any] = {}
