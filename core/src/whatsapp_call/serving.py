@@ -39,7 +39,9 @@ class AsgiServer:
             app, log_level=log_level, lifespan="auto", access_log=False, **uvicorn_options
         )
         self._server = uvicorn.Server(config)
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        # The process (serve, demo, tests) owns SIGINT/SIGTERM, not each server: uvicorn would
+        # otherwise take them over and re-raise them when it stops.
+        self._server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
         self._task: asyncio.Task[None] | None = None
 
     @property
