@@ -68,3 +68,22 @@ def tone(seconds: float, freq: float = 440.0, amplitude: int = 8000) -> np.ndarr
     """A sine tone, 48 kHz mono int16: an easy, unmistakable signal for tests."""
     t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
     return (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.int16)
+
+
+def frame_to_mono(frame) -> np.ndarray:
+    """Mono int16 samples of an s16 `av.AudioFrame` (packed or planar; channels averaged)."""
+    data = frame.to_ndarray()
+    channels = len(frame.layout.channels)
+    if frame.format.is_planar:
+        mono = data.mean(axis=0) if channels > 1 else data[0]
+    else:
+        mono = data.reshape(-1, channels).mean(axis=1) if channels > 1 else data.reshape(-1)
+    return np.asarray(mono).astype(np.int16)
+
+
+def level_dbfs(samples: np.ndarray) -> float:
+    """RMS level in dBFS (full scale = 32768); -120 for digital silence."""
+    if len(samples) == 0:
+        return -120.0
+    rms = float(np.sqrt(np.mean(np.square(samples.astype(np.float64)))))
+    return 20 * np.log10(rms / 32768) if rms > 0 else -120.0
