@@ -6,8 +6,10 @@ VENV := .venv/bin
 
 .PHONY: demo test lint format env bench clean
 
+PROVIDER ?= meta
+
 demo: env
-	$(VENV)/whatsapp-call demo
+	$(VENV)/whatsapp-call demo --provider $(PROVIDER)
 
 test: env lint
 	$(VENV)/pytest
@@ -21,7 +23,7 @@ format: env
 	$(VENV)/ruff check --fix .
 
 env: $(UV)
-	$(UV) sync --frozen --all-packages --quiet
+	$(UV) sync --frozen --all-packages --all-extras --quiet
 
 $(UV):
 	$(PYTHON) -m venv .tools

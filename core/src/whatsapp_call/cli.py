@@ -186,9 +186,10 @@ def config_init(provider: str, path: str, force: bool) -> None:
 
 
 def _register_core_commands() -> None:
-    from .commands import calling
+    from .commands import agent, calling
 
     calling.register(cli)
+    agent.register(cli)
 
 
 def _register_plugin_commands() -> None:

@@ -34,6 +34,7 @@ class Runtime:
         self.metrics: Any = None
         self.server: Any = None
         self.reconciled: list[Any] = []
+        self._mcp_route: Any = None
 
     @property
     def url(self) -> str:
@@ -61,12 +62,16 @@ class Runtime:
             self.metrics = Metrics()
             self.metrics.seed_from_store(await self.store.count_by_state())
             self.service = CallService(settings, self.store, metrics=self.metrics)
+            routes = list(api_routes(self.service))
+            self._mcp_route = _mcp_route(self.service, settings)
+            if self._mcp_route is not None:
+                routes.append(self._mcp_route)
             app = create_app(
                 settings,
                 self.store,
                 on_events=self.service.handle_events,
                 metrics=self.metrics,
-                extra_routes=api_routes(self.service),
+                extra_routes=routes,
             )
             self.server = AsgiServer(app, settings.listen_host, settings.listen_port)
             await self.server.start()
@@ -82,7 +87,20 @@ class Runtime:
     async def _close(self) -> None:
         if self.service is not None:
             await self.service.shutdown()
+        if self._mcp_route is not None:
+            await self._mcp_route.endpoint.aclose()
         if self.server is not None:
             await self.server.stop()
         if self.store is not None:
             await self.store.close()
+
+
+def _mcp_route(service: Any, settings: Settings) -> Any:
+    """The agent tool at `/mcp`, when the MCP extra is installed (else logged and skipped)."""
+    try:
+        from .agent.mcp_server import serve_mcp_routes
+
+        return serve_mcp_routes(service, settings)
+    except (ImportError, ConfigError) as exc:
+        log.info("/mcp not served: %s", getattr(exc, "message", exc))
+        return None
