@@ -63,6 +63,7 @@ EVERY_KEY = {
     "listenHost": "0.0.0.0",
     "listenPort": 9000,
     "stateDir": "/tmp/wa-state",
+    "storeRetentionDays": 90,
     "ringTimeoutSeconds": 30,
     "maxDurationSeconds": 60,
     "permissionWaitSeconds": 120,

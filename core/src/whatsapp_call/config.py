@@ -143,6 +143,9 @@ class Settings(BaseModel):
     state_dir: Path = Field(
         Path("~/.local/state/whatsapp-call"), description="Where the call store lives."
     )
+    store_retention_days: float | None = Field(
+        None, gt=0, description="Delete records of calls that ended longer ago (unset: keep)."
+    )
     ring_timeout_seconds: float = Field(60, gt=0, description="Give up when nobody answers.")
     max_duration_seconds: float = Field(1800, gt=0, description="Hang up after this long.")
     permission_wait_seconds: float = Field(

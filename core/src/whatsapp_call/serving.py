@@ -29,8 +29,12 @@ class AsgiServer:
         **uvicorn_options: Any,
     ):
         self.host = host
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only then, and without it every
+        # keep-alive reply waits ~40 ms for a delayed ACK.
         self._sock = socket.socket(
-            socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM
+            socket.AF_INET6 if ":" in host else socket.AF_INET,
+            socket.SOCK_STREAM,
+            socket.IPPROTO_TCP,
         )
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))

@@ -187,6 +187,9 @@ class DuplicateCallError(StoreError):
 class CallStore(abc.ABC):
     """Persistence of calls, their events and transcripts, and processed webhook ids."""
 
+    async def open(self) -> None:  # noqa: B027 - optional for stores that connect lazily
+        """Connect, and create or migrate the schema. Raises StoreError with a fix."""
+
     @abc.abstractmethod
     async def create_call(self, record: CallRecord) -> CallRecord:
         """Insert a new call (and its first event). Raises `DuplicateCallError` when the id or
