@@ -1,1 +1,6 @@
-"""WebRTC media for WhatsApp calls (aiortc), and the audio bridge to a voice backend."""
+"""WebRTC media for WhatsApp calls (aiortc), and the audio bridge to a voice backend.
+
+`sdp`: WhatsApp's SDP rules (pure functions). `peer.CallMedia`: our side of one call.
+`jitter`: the low-latency receive path for inbound audio. `ice`: host-candidate selection.
+Import the submodules directly; this package does not import aiortc by itself.
+"""
