@@ -73,9 +73,10 @@ class Runtime:
                 metrics=self.metrics,
                 extra_routes=routes,
             )
+            # Reconcile calls a crash left behind before taking new work.
+            self.reconciled = await self.service.start()
             self.server = AsgiServer(app, settings.listen_host, settings.listen_port)
             await self.server.start()
-            self.reconciled = await self.service.start()
         except BaseException:
             await self._close()
             raise

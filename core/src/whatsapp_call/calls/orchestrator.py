@@ -809,8 +809,13 @@ class ActiveCall:
         if self.bridge is not None:
             bridge_metrics = dict(getattr(self.bridge, "metrics", {}) or {})
             metrics["audio"] = bridge_metrics
-            for latency in bridge_metrics.get("turn_latency_ms", []) or []:
-                self.service._metric("observe_turn_latency_seconds", latency / 1000)
+            for turn in bridge_metrics.get("turns", []):
+                if turn.get("response_latency_ms") is not None:
+                    self.service._metric(
+                        "observe_turn_latency_seconds", turn["response_latency_ms"] / 1000
+                    )
+        if self.media is not None and hasattr(self.media, "inbound_stats"):
+            metrics["inbound_audio"] = self.media.inbound_stats()
         if self.warnings:
             metrics["warnings"] = self.warnings
         await self.store.set_metrics(self.call.id, metrics)

@@ -83,11 +83,10 @@ class ProgressPrinter:
 
 
 def turn_latencies(metrics: dict[str, Any]) -> list[float]:
-    audio = metrics.get("audio") or {}
-    values = audio.get("turn_latency_ms") or []
-    if isinstance(values, dict):
-        values = values.get("values", [])
-    return [float(v) for v in values if v is not None]
+    turns = (metrics.get("audio") or {}).get("turns") or []
+    return [
+        float(t["response_latency_ms"]) for t in turns if t.get("response_latency_ms") is not None
+    ]
 
 
 def _call_options(f: Any) -> Any:
@@ -153,6 +152,10 @@ async def run_remote_call(
 
 
 def register(cli: click.Group) -> None:
+    from .permission import permission
+
+    cli.add_command(permission)
+
     @cli.command()
     @click.argument("to")
     @_call_options
