@@ -162,9 +162,22 @@ def register(cli: click.Group) -> None:
     @click.option(
         "--no-wait", is_flag=True, help="Return once the call is placed (remote mode only)."
     )
+    @click.option(
+        "--voice-backend",
+        help="Voice backend plugin for this call (default: voiceBackend), e.g. echo for a "
+        "media test call with no AI.",
+    )
     @click.pass_obj
     def call(
-        app: Any, to: str, greeting, instructions, voice, language, as_json: bool, no_wait: bool
+        app: Any,
+        to: str,
+        greeting,
+        instructions,
+        voice,
+        language,
+        as_json: bool,
+        no_wait: bool,
+        voice_backend: str | None,
     ) -> None:
         """Call TO and show the conversation live; TO is like +14085551234.
 
@@ -172,7 +185,13 @@ def register(cli: click.Group) -> None:
         from ..calls.orchestrator import CallRequest
         from ..phone import parse_phone
 
-        settings = app.settings()
+        settings = app.settings({"voiceBackend": voice_backend} if voice_backend else None)
+        if voice_backend and settings.remote:
+            raise BadInputError(
+                "--voice-backend chooses a backend of this machine; in remote mode the service's "
+                "own voiceBackend is used.",
+                "Drop --voice-backend, or set voiceBackend in the service's config.",
+            )
         request = CallRequest(
             to=parse_phone(to).e164,
             greeting=greeting,
