@@ -1257,7 +1257,9 @@ class RealtimeSimulator:
 
     Tunables are plain attributes a test may change while it runs: `first_delta_delay`
     (model latency before the first audio delta, s), `audio_pace` (1.0 = real time; larger
-    sends audio faster), `audio_lead_ms` (how far audio runs ahead of real time),
+    sends audio faster; the default 3.0 follows the spec: the real server generates audio
+    faster than real time, so clients must pace playback and truncate on barge-in themselves),
+    `audio_lead_ms` (how far audio runs ahead of real time),
     `transcription_delay`, `session_max_seconds`, and `faults`.
     """
 
@@ -1269,7 +1271,7 @@ class RealtimeSimulator:
         replies: Sequence[Reply] | None = None,
         responder: Callable[[ResponseRequest], Reply] | None = None,
         first_delta_delay: float = 0.25,
-        audio_pace: float = 1.0,
+        audio_pace: float = 3.0,
         audio_lead_ms: float = 200.0,
         transcription_delay: float = 0.15,
         session_max_seconds: float = 3600.0,
