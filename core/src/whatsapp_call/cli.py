@@ -118,23 +118,62 @@ def plugins_command(as_json: bool, hook: str | None) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--smoke",
+    is_flag=True,
+    help="Then place a short test call to --smoke-to and check that audio goes both ways.",
+)
+@click.option("--smoke-to", metavar="NUMBER", help="Who the smoke call rings, e.g. +14085551234.")
+@click.option(
+    "--voice-backend", help="Voice backend of the smoke call (default: echo, no AI, no cost)."
+)
+@click.option(
+    "--smoke-seconds",
+    type=click.FloatRange(3, 600),
+    default=30,
+    show_default=True,
+    help="Hang up the smoke call this long after it is answered.",
+)
 @click.pass_obj
-def doctor(app: AppContext, as_json: bool) -> None:
-    """Check the configuration, the plugins and each plugin's own diagnostics."""
-    from .doctor import run_doctor
+def doctor(
+    app: AppContext,
+    as_json: bool,
+    smoke: bool,
+    smoke_to: str | None,
+    voice_backend: str | None,
+    smoke_seconds: float,
+) -> None:
+    """Check the configuration, the plugins and each plugin's own diagnostics.
 
-    checks = run_async(run_doctor(app))
+    With --smoke, then place a real test call and report whether audio went both ways."""
+    from .doctor import run_doctor, run_smoke, smoke_overrides
+
+    checks = run_async(run_doctor(app, smoke_overrides(smoke, smoke_to, voice_backend)))
+    if not as_json:
+        _print_checks(checks)
+    if smoke:
+        from .commands.calling import ProgressPrinter
+
+        printer = ProgressPrinter(err=as_json)
+        smoke_checks = run_async(
+            run_smoke(app, checks, smoke_to, talk_seconds=smoke_seconds, printer=printer)
+        )
+        if not as_json:
+            _print_checks(smoke_checks)
+        checks += smoke_checks
     if as_json:
         click.echo(json.dumps([c.__dict__ | {"status": str(c.status)} for c in checks], indent=2))
-    else:
-        marks = {CheckStatus.OK: "ok  ", CheckStatus.WARN: "warn", CheckStatus.FAIL: "FAIL"}
-        for c in checks:
-            source = f" [{c.plugin}]" if c.plugin else ""
-            click.echo(f"{marks[c.status]}  {c.name}{source}: {scrub(c.message)}")
-            if c.hint and c.status != CheckStatus.OK:
-                click.echo(f"        fix: {scrub(c.hint)}")
     if any(c.status == CheckStatus.FAIL for c in checks):
         sys.exit(1)
+
+
+def _print_checks(checks: list[Any]) -> None:
+    marks = {CheckStatus.OK: "ok  ", CheckStatus.WARN: "warn", CheckStatus.FAIL: "FAIL"}
+    for c in checks:
+        source = f" [{c.plugin}]" if c.plugin else ""
+        click.echo(f"{marks[c.status]}  {c.name}{source}: {scrub(c.message)}")
+        if c.hint and c.status != CheckStatus.OK:
+            click.echo(f"        fix: {scrub(c.hint)}")
 
 
 @cli.group()
@@ -205,3 +244,7 @@ def _register_plugin_commands() -> None:
 
 _register_core_commands()
 _register_plugin_commands()
+
+
+if __name__ == "__main__":  # `python -m whatsapp_call.cli`, as serve starts its workers
+    cli()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
@@ -195,3 +195,29 @@ class VoiceTool:
     description: str
     parameters: dict[str, Any]
     handler: Any
+
+
+def event_to_dict(event: CallEvent) -> dict[str, Any]:
+    """A JSON-able form of a `CallEvent`, for handing events between processes."""
+    out: dict[str, Any] = {}
+    for f in fields(event):
+        value = getattr(event, f.name)
+        if isinstance(value, enum.Enum):
+            value = value.value
+        elif isinstance(value, datetime):
+            value = value.isoformat()
+        elif f.name == "errors":
+            value = [{"code": e.code, "message": e.message, "details": e.details} for e in value]
+        out[f.name] = value
+    return out
+
+
+def event_from_dict(data: Mapping[str, Any]) -> CallEvent:
+    """The inverse of `event_to_dict`."""
+    values = dict(data)
+    values["type"] = CallEventType(values["type"])
+    for name in ("permission_expires_at", "timestamp"):
+        if values.get(name):
+            values[name] = datetime.fromisoformat(values[name])
+    values["errors"] = tuple(ProviderErrorDetail(**e) for e in values.get("errors") or ())
+    return CallEvent(**values)

@@ -27,8 +27,16 @@ class Runtime:
     """`async with Runtime(settings) as rt:` serves until the block ends, then shuts down
     gracefully: active calls are ended politely and the store is flushed."""
 
-    def __init__(self, settings: Settings):
+    def __init__(
+        self, settings: Settings, *, workers: int = 1, worker_command: list[str] | None = None
+    ):
+        """`workers` > 1 runs the calls' media in that many worker processes, started with
+        `worker_command` (see whatsapp_call.workers); 1 runs everything in this process."""
+        if workers > 1 and not worker_command:
+            raise ValueError("worker_command is needed with more than one worker")
         self.settings = settings
+        self.workers = workers
+        self.worker_command = worker_command
         self.store: Any = None
         self.service: Any = None
         self.metrics: Any = None
@@ -61,7 +69,18 @@ class Runtime:
         try:
             self.metrics = Metrics()
             self.metrics.seed_from_store(await self.store.count_by_state())
-            self.service = CallService(settings, self.store, metrics=self.metrics)
+            if self.workers > 1:
+                from .workers.front import WorkerPool
+
+                self.service = WorkerPool(
+                    settings,
+                    self.store,
+                    workers=self.workers,
+                    worker_command=self.worker_command or [],
+                    metrics=self.metrics,
+                )
+            else:
+                self.service = CallService(settings, self.store, metrics=self.metrics)
             routes = list(api_routes(self.service))
             self._mcp_route = _mcp_route(self.service, settings)
             if self._mcp_route is not None:

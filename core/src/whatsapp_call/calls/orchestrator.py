@@ -113,8 +113,10 @@ class CallService:
         *,
         metrics: Any = None,
         live: LiveUpdates | None = None,
+        worker_id: str | None = None,
     ):
         self.settings = settings
+        self.worker_id = worker_id  # set in `serve --workers N`: this process owns these calls
         self.store = store
         self.metrics = metrics
         self.live = live or LiveUpdates()
@@ -133,16 +135,25 @@ class CallService:
         for record in await self.store.non_final_calls():
             if record.id in self._active:
                 continue
-            if record.provider_call_id:
-                await self._terminate_at_provider(call_from_record(record, self.settings))
+            if self.worker_id is not None and record.worker != self.worker_id:
+                continue  # another worker's call: its owner (or the front) reconciles it
             detail = f"restarted: the service stopped while the call was {record.state.value}"
-            if await self.store.transition(
-                record.id, CallState.ENDED, end_reason=EndReason.FAILED, detail=detail
-            ):
-                self._metric("call_ended", EndReason.FAILED.value)
+            if await self.reconcile(record, detail):
                 reconciled.append(record)
-                log.warning("call %s reconciled after restart (%s)", record.id, record.state)
         return reconciled
+
+    async def reconcile(self, record: CallRecord, detail: str) -> bool:
+        """End a call whose owning process is gone: terminate it at the provider (so nobody
+        stays on a dead line, and nobody is called again) and mark it failed."""
+        if record.provider_call_id:
+            await self._terminate_at_provider(call_from_record(record, self.settings))
+        if await self.store.transition(
+            record.id, CallState.ENDED, end_reason=EndReason.FAILED, detail=detail
+        ):
+            self._metric("call_ended", EndReason.FAILED.value)
+            log.warning("call %s reconciled (%s): %s", record.id, record.state.value, detail)
+            return True
+        return False
 
     async def shutdown(self, timeout: float = 15.0) -> None:
         """Stop accepting calls; end active calls politely (terminated at the provider)."""
@@ -207,6 +218,7 @@ class CallService:
                 language=request.language or self.settings.voice_language,
                 metadata=dict(request.metadata),
                 idempotency_key=request.idempotency_key,
+                worker=self.worker_id,
             )
             record = await self.store.create_call(record)
             active = ActiveCall(self, record, call_from_record(record, self.settings))
@@ -278,8 +290,31 @@ class CallService:
                 await self.store.add_event(
                     record.id, "late_webhook", {"event": event.type.value, "status": event.status}
                 )
+                await self._hang_up_unknown_provider_call(record, event)
                 continue
             self._orphans.append((now, event))
+
+    async def _hang_up_unknown_provider_call(self, record: CallRecord, event: CallEvent) -> None:
+        """An ended call of ours turns out to ring at the provider under an id we never
+        learnt (its answer to `send_offer` was lost, e.g. a read timeout): hang it up, so
+        nobody is left ringing for a call we already gave up on."""
+        live = event.type in (
+            CallEventType.ANSWER,
+            CallEventType.RINGING,
+            CallEventType.ACCEPTED,
+        )
+        if not (record.is_final and live and event.provider_call_id):
+            return
+        if record.provider_call_id == event.provider_call_id:
+            return  # a late duplicate of a call we knew, and terminated, ourselves
+        call = call_from_record(record, self.settings)
+        call.provider_call_id = event.provider_call_id
+        error = await self._terminate_at_provider(call)
+        await self.store.add_event(
+            record.id,
+            "terminated_unknown_provider_call",
+            {"provider_call_id": event.provider_call_id, "error": error},
+        )
 
     def _find(self, event: CallEvent) -> ActiveCall | None:
         if event.call_id and event.call_id in self._active:

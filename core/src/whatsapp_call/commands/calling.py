@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import statistics
 import sys
@@ -233,8 +234,15 @@ def register(cli: click.Group) -> None:
             click.echo(f"{record['created_at'][:19]}  {summary_line(record)}")
 
     @cli.command()
+    @click.option(
+        "--workers",
+        type=click.IntRange(1, 256),
+        default=os.cpu_count() or 1,
+        show_default="the number of CPU cores",
+        help="Media worker processes. 1 runs everything in this process.",
+    )
     @click.pass_obj
-    def serve(app: Any) -> None:
+    def serve(app: Any, workers: int) -> None:
         """Run the service: webhooks, the /v1 API and calls, until SIGTERM or Ctrl-C."""
         settings = app.settings()
         if settings.remote:
@@ -242,7 +250,19 @@ def register(cli: click.Group) -> None:
                 "serve runs the service itself; serviceUrl says to use a remote one.",
                 "Remove serviceUrl from this config to serve.",
             )
-        asyncio.run(_serve(settings))
+        asyncio.run(_serve(settings, workers, _worker_command(app)))
+
+    @cli.command(hidden=True)
+    @click.option("--id", "worker_id", required=True)
+    @click.pass_obj
+    def worker(app: Any, worker_id: str) -> None:
+        """A media worker of `serve --workers N` (started by serve, not by hand)."""
+        from ..workers.worker import run_worker
+
+        token = os.environ.get("WHATSAPP_CALL_WORKER_TOKEN")
+        if not token:
+            raise BadInputError("worker is started by `serve --workers N`.", "Run serve instead.")
+        asyncio.run(run_worker(app.settings(), worker_id, token))
 
     @cli.command()
     @click.option(
@@ -322,15 +342,29 @@ def _finish(
         sys.exit(1)
 
 
-async def _serve(settings: Any) -> None:
+def _worker_command(app: Any) -> list[str]:
+    """How `serve` starts a worker: this CLI, with the same config source."""
+    command = [sys.executable, "-m", "whatsapp_call.cli"]
+    if app.config_path:
+        command += ["-c", os.path.abspath(app.config_path)]
+    if app.openclaw:
+        path = "~/.openclaw/openclaw.json" if app.openclaw == "default" else app.openclaw
+        command += ["--openclaw", os.path.abspath(os.path.expanduser(path))]
+    return [*command, "worker"]
+
+
+async def _serve(settings: Any, workers: int, worker_command: list[str]) -> None:
     from ..runtime import Runtime
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with Runtime(settings) as runtime:
-        click.echo(f"whatsapp-call serving on {runtime.url} (provider {settings.provider})")
+    async with Runtime(settings, workers=workers, worker_command=worker_command) as runtime:
+        where = f"{workers} media workers" if workers > 1 else "one process"
+        click.echo(
+            f"whatsapp-call serving on {runtime.url} (provider {settings.provider}, {where})"
+        )
         click.echo(
             f"  webhooks: {runtime.url}/webhooks/{settings.provider}   API: {runtime.url}/v1"
         )

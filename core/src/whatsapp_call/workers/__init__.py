@@ -1,0 +1,1 @@
+"""`serve --workers N`: a front process (HTTP) and N media worker processes (calls)."""

@@ -1,0 +1,127 @@
+"""`serve --workers N`: a front process routes calls and webhook events to media workers;
+a worker that dies has its calls reconciled and is restarted. Real processes, real calls
+against the simulators, all on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from whatsapp_call_sim.runner import SimulatorSet
+from whatsapp_call_sim.whatsapp import Scenario
+
+pytestmark = pytest.mark.slow
+
+CLI = str(Path(sys.executable).parent / "whatsapp-call")
+
+
+@contextlib.asynccontextmanager
+async def cluster(tmp_path, workers=2, scenario=None):
+    async with SimulatorSet(
+        provider="meta", state_dir=tmp_path, scenario=scenario, turn=False
+    ) as sims:
+        log = (tmp_path / "serve.log").open("ab")
+        env = {**os.environ, "WHATSAPP_CALL_PLUGINS": "meta,openai"}
+        proc = await asyncio.create_subprocess_exec(
+            CLI,
+            "-c",
+            str(sims.config_path),
+            "serve",
+            "--workers",
+            str(workers),
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
+        headers = {"Authorization": f"Bearer {sims.options['serviceToken']}"}
+        try:
+            async with httpx.AsyncClient(
+                base_url=sims.urls["service"], headers=headers, timeout=10
+            ) as client:
+                for _ in range(300):
+                    with contextlib.suppress(httpx.HTTPError):
+                        if (await client.get("/healthz")).status_code == 200:
+                            break
+                    assert proc.returncode is None, (tmp_path / "serve.log").read_text()
+                    await asyncio.sleep(0.1)
+                yield sims, client, proc
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+                await asyncio.wait_for(proc.wait(), 30)
+
+
+async def wait_state(client, call_id, states, timeout=40.0):
+    async with asyncio.timeout(timeout):
+        while True:
+            call = (await client.get(f"/v1/calls/{call_id}")).json()
+            if call["state"] in states:
+                return call
+            await asyncio.sleep(0.1)
+
+
+def worker_pids(config: Path) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                cmd = (entry / "cmdline").read_bytes().split(b"\0")
+                if b"worker" in cmd and str(config).encode() in cmd:
+                    pids.append(int(entry.name))
+    return pids
+
+
+def worker_pid(config: Path, worker_id: str) -> int:
+    for pid in worker_pids(config):
+        if f"--id\0{worker_id}".encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+    raise AssertionError(f"no process for worker {worker_id}")
+
+
+async def test_calls_spread_over_workers_and_complete(tmp_path):
+    async with cluster(tmp_path, scenario=Scenario(hangup_after_s=3)) as (sims, client, proc):
+        first = (
+            await client.post("/v1/calls", json={"to": "+14155550123", "greeting": "Hi"})
+        ).json()
+        second = (
+            await client.post("/v1/calls", json={"to": "+14155550124", "greeting": "Hi"})
+        ).json()
+        done = [await wait_state(client, c["id"], {"ended"}) for c in (first, second)]
+        assert len(worker_pids(sims.config_path)) == 2
+    assert [c["end_reason"] for c in done] == ["completed", "completed"], done
+    assert {c["worker"] for c in done} == {"w1", "w2"}  # least-loaded placement
+    assert all(c["transcript"] for c in done)  # webhooks reached the owning workers
+    assert proc.returncode == 0
+    assert worker_pids(sims.config_path) == []  # SIGTERM stopped the workers too
+
+
+async def test_a_dead_worker_has_its_calls_reconciled_and_is_restarted(tmp_path):
+    async with cluster(tmp_path, workers=2) as (sims, client, proc):
+        created = (await client.post("/v1/calls", json={"to": "+14155550123"})).json()
+        call = await wait_state(client, created["id"], {"in_progress"})
+        victim = worker_pid(sims.config_path, call["worker"])
+        os.kill(victim, signal.SIGKILL)
+        ended = await wait_state(client, created["id"], {"ended"})
+        sim_call = next(iter(sims.whatsapp.calls.values()))
+        rung_first = [c for c in sims.whatsapp.calls.values() if c.wa_id == "14155550123"]
+        # The worker comes back, and takes calls again.
+        for _ in range(150):
+            if len(worker_pids(sims.config_path)) == 2:
+                break
+            await asyncio.sleep(0.2)
+        again = (
+            await client.post("/v1/calls", json={"to": "+14155550124", "greeting": "Hi"})
+        ).json()
+        in_progress = await wait_state(client, again["id"], {"in_progress", "ended"})
+        await client.post(f"/v1/calls/{again['id']}/hangup")
+    assert ended["end_reason"] == "failed"
+    assert f"media worker {call['worker']} stopped" in ended["end_detail"]
+    assert sim_call.ended and sim_call.terminated_by == "business"  # nobody left on a dead line
+    assert in_progress["state"] == "in_progress"
+    assert len(rung_first) == 1  # reconciling never calls the person again
