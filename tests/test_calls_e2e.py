@@ -242,7 +242,9 @@ async def test_restart_mid_call_reconciles_without_calling_twice(
 
         async def start_service():
             log = (tmp_path / "serve.log").open("ab")
-            proc = await asyncio.create_subprocess_exec(*cli, env=env, stdout=log, stderr=log)
+            proc = await asyncio.create_subprocess_exec(
+                *cli, env=env, stdout=log, stderr=log, start_new_session=True
+            )
             async with httpx.AsyncClient(timeout=2) as client:
                 for _ in range(150):
                     with contextlib.suppress(httpx.HTTPError):
@@ -265,7 +267,7 @@ async def test_restart_mid_call_reconciles_without_calling_twice(
                     await asyncio.sleep(0.1)
                 assert call["state"] == "in_progress", call
         finally:
-            proc.kill()  # SIGKILL: no graceful shutdown
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole service, workers too: a crash
             await asyncio.wait_for(proc.wait(), 10)
         proc = await start_service()
         try:
