@@ -309,6 +309,8 @@ class CallService:
             return  # a late duplicate of a call we knew, and terminated, ourselves
         call = call_from_record(record, self.settings)
         call.provider_call_id = event.provider_call_id
+        if record.provider_call_id is None:  # later events for it are then known duplicates
+            await self.store.update_call(record.id, provider_call_id=event.provider_call_id)
         error = await self._terminate_at_provider(call)
         await self.store.add_event(
             record.id,
@@ -418,8 +420,13 @@ class ActiveCall:
         self.warnings: list[str] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writes: list[asyncio.Task[Any]] = []
+        self.webhook_provider_call_id: str | None = None
 
     def post(self, kind: str, payload: Any = None) -> None:
+        if kind == "event" and payload.provider_call_id and not self.call.provider_call_id:
+            # The provider's id may arrive by webhook before (or instead of) send_offer's
+            # answer: kept so that ending the call can still hang it up there.
+            self.webhook_provider_call_id = payload.provider_call_id
         self.inbox.put_nowait((kind, payload))
 
     # -- the whole call -----------------------------------------------------------------------
@@ -673,7 +680,9 @@ class ActiveCall:
             if self.accepted:
                 failed = status == "FAILED" or bool(errors)
                 reason = EndReason.FAILED if failed else EndReason.COMPLETED
-                detail = "the call ended" + (f" with {status.lower()}" if status else "")
+                detail = (
+                    "the call failed on the WhatsApp side" if failed else "the user hung up"
+                ) + (f" (status {status})" if status else "")
             elif self.rejected or status == "REJECTED":
                 reason, detail = EndReason.REJECTED, "the user declined the call"
             elif errors:
@@ -785,6 +794,16 @@ class ActiveCall:
     ) -> None:
         if self.state == CallState.ENDED:
             return
+        if terminate and not self.call.provider_call_id and self.webhook_provider_call_id:
+            self.call.provider_call_id = self.webhook_provider_call_id
+            with contextlib.suppress(Exception):
+                await self.store.update_call(
+                    self.call.id, provider_call_id=self.call.provider_call_id
+                )
+                await self._event(
+                    "terminated_unknown_provider_call",
+                    {"provider_call_id": self.webhook_provider_call_id},
+                )
         if terminate and self.call.provider_call_id and not self.provider_ended:
             error = await self.service._terminate_at_provider(self.call)
             if error:
