@@ -83,9 +83,17 @@ class UserScript:
 
     @classmethod
     def default(cls) -> UserScript:
-        """Hear the AI's greeting, say hello, hear the reply, say goodbye, hang up."""
+        """Hear the AI's greeting, say hello, hear the reply, say goodbye, hear the AI's
+        goodbye (it may hang up first), hang up."""
         return cls(
-            (WaitForSpeech(), Say("hello"), WaitForSpeech(), Say("goodbye"), Pause(0.3), HangUp())
+            (
+                WaitForSpeech(),
+                Say("hello"),
+                WaitForSpeech(),
+                Say("goodbye"),
+                WaitForSpeech(timeout=8.0),
+                HangUp(),
+            )
         )
 
     @classmethod

@@ -682,7 +682,7 @@ class ActiveCall:
                 reason = EndReason.FAILED if failed else EndReason.COMPLETED
                 detail = (
                     "the call failed on the WhatsApp side" if failed else "the user hung up"
-                ) + (f" (status {status})" if status else "")
+                ) + (f"; provider status {status}" if status else "")
             elif self.rejected or status == "REJECTED":
                 reason, detail = EndReason.REJECTED, "the user declined the call"
             elif errors:
