@@ -55,7 +55,8 @@ async def running(provider, make_settings, tmp_path, scenario=None, **overrides)
 
 
 async def call_and_wait(runtime, timeout=45.0, **request):
-    record = await runtime.service.place_call(CallRequest(to=TO, greeting=GREETING, **request))
+    request.setdefault("greeting", GREETING)
+    record = await runtime.service.place_call(CallRequest(to=TO, **request))
     return await runtime.service.wait(record.id, timeout=timeout)
 
 
@@ -323,3 +324,44 @@ def yaml_options(path: Path) -> dict:
     import yaml
 
     return yaml.safe_load(path.read_text())["channels"]["whatsappcall"]
+
+
+async def test_barge_in_stops_the_ai_at_once(providers, make_settings, tmp_path):
+    """The user talks over the AI's greeting: our outbound audio stops, and the voice backend
+    is told how much of the greeting was heard."""
+    from whatsapp_call_sim.user import HangUp, Pause, Say, UserScript
+
+    long_greeting = (
+        "Hello, this is a long greeting from the test, and it goes on for quite a while "
+        "so that the person on the phone has plenty of time to interrupt it."
+    )
+    script = UserScript((Pause(1.2), Say("yes"), Pause(2.0), HangUp()))
+    async with running("meta", make_settings, tmp_path, Scenario(user_script=script)) as (
+        sims,
+        runtime,
+    ):
+        record = await call_and_wait(runtime, greeting=long_greeting)
+        events = await runtime.store.get_events(record.id)
+        user = only_sim_call(sims).user
+        spoke = user.said[0]
+        heard = user.speech_segments()
+        truncations = [s.truncated for s in sims.realtime.sessions if s.truncated]
+    barge_ins = [e.data for e in events if e.type == "barge_in"]
+    assert record.end_reason == "completed", record.end_detail
+    assert barge_ins and 0 < barge_ins[0]["played_ms"] < 8000, barge_ins
+    assert truncations, "the backend was not told what was heard"
+    # The AI's audio heard while the user spoke ended soon after the user started speaking:
+    # the simulated model's VAD needs a few hundred ms to detect speech; we add at most a frame.
+    overlapping = [seg for seg in heard if seg.start < spoke.start + 0.05]
+    assert overlapping and overlapping[-1].end < spoke.start + 1.0, (spoke, heard)
+
+
+async def test_voice_socket_drop_mid_call_is_survived(providers, make_settings, tmp_path):
+    async with running("meta", make_settings, tmp_path) as (sims, runtime):
+        sims.realtime.faults.drop_mid_response_after_ms = 800  # during the greeting
+        record = await call_and_wait(runtime)
+        sessions = len(sims.realtime.sessions)
+        transcript = [t.text for t in await runtime.store.get_transcript(record.id)]
+    assert record.end_reason == "completed", record.end_detail
+    assert sessions == 2  # reconnected once
+    assert UTTERANCE_TEXT["hello"] in transcript  # the conversation went on afterwards
