@@ -64,6 +64,9 @@ EVERY_KEY = {
     "listenPort": 9000,
     "stateDir": "/tmp/wa-state",
     "storeRetentionDays": 90,
+    "databaseUrl": "postgresql://wa:db-password-value@127.0.0.1:5432/wa",
+    "redisUrl": "redis://:redis-password-value@127.0.0.1:6379/0",
+    "instanceId": "node-a",
     "ringTimeoutSeconds": 30,
     "maxDurationSeconds": 60,
     "permissionWaitSeconds": 120,
@@ -82,6 +85,8 @@ SECRETS = [
     "sk-test-secret-key",
     "twilio-token-value",
     "service-token-value",
+    "db-password-value",
+    "redis-password-value",
 ]
 
 
@@ -295,3 +300,11 @@ def test_plugin_settings_models(register_plugin, make_settings):
         make_settings(echoDelayMs="soon")
     with pytest.raises(ConfigError, match="did you mean 'echoDelayMs'"):
         make_settings(echoDelayMss=1)
+
+
+def test_passwords_inside_database_and_redis_urls_are_scrubbed():
+    from whatsapp_call.redact import scrub
+
+    settings_from_dict(dict(EVERY_KEY))
+    assert "db-password-value" not in scrub("connect failed: password db-password-value rejected")
+    assert "redis-password-value" not in scrub("AUTH redis-password-value failed")

@@ -9,6 +9,7 @@ Python code reads the snake_case attributes (`settings.meta_access_token`). Secr
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
@@ -16,6 +17,7 @@ import re
 import stat
 import warnings
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Literal
 
 import json5
@@ -143,6 +145,18 @@ class Settings(BaseModel):
     state_dir: Path = Field(
         Path("~/.local/state/whatsapp-call"), description="Where the call store lives."
     )
+    database_url: SecretStr | None = Field(
+        None,
+        description="Shared call store for several instances: postgresql://user:pass@host/db "
+        "(default: SQLite in stateDir).",
+    )
+    redis_url: SecretStr | None = Field(
+        None,
+        description="Redis for several instances: call ownership and webhook-event routing.",
+    )
+    instance_id: str | None = Field(
+        None, description="This instance's name among several (default: hostname and pid)."
+    )
     store_retention_days: float | None = Field(
         None, gt=0, description="Delete records of calls that ended longer ago (unset: keep)."
     )
@@ -232,6 +246,9 @@ class Settings(BaseModel):
             value = getattr(self, name)
             if isinstance(value, SecretStr):
                 remember_secret(value.get_secret_value())
+                if name.endswith("_url"):  # a driver's error may quote just the password
+                    with contextlib.suppress(ValueError):
+                        remember_secret(urlsplit(value.get_secret_value()).password)
         return self
 
     @property
