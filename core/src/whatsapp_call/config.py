@@ -17,8 +17,8 @@ import re
 import stat
 import warnings
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import json5
 import yaml
