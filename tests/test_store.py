@@ -420,4 +420,4 @@ async def test_open_store_picks_sqlite_in_state_dir(tmp_path, make_settings):
     by_url = open_store(settings, url=f"sqlite://{tmp_path / 'other'}")
     assert by_url.state_dir == tmp_path / "other"
     with pytest.raises(ConfigError, match="postgresql"):
-        open_store(settings, url="postgresql://user@db/calls")
+        open_store(settings, url="mysql://user@db/calls")  # the hint lists postgresql

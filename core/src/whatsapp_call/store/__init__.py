@@ -1,7 +1,8 @@
 """Call persistence. `open_store(settings)` picks the store; callers see only `CallStore`.
 
-Today the only store is SQLite in `stateDir`. A shared store (e.g. PostgreSQL for several
-service instances) plugs in by URL scheme through `STORE_FACTORIES`, without touching callers.
+SQLite in `stateDir` by default (one machine); PostgreSQL (`databaseUrl`, or a store URL with
+scheme `postgresql://`) for several service instances sharing their calls. Stores plug in by
+URL scheme through `STORE_FACTORIES`, without touching callers.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .base import (
     StoreUnavailableError,
     TranscriptLine,
 )
+from .postgres import PostgresCallStore
 from .sqlite import SqliteCallStore
 
 if TYPE_CHECKING:
@@ -44,9 +46,16 @@ def _sqlite_from_url(url: str, retention: timedelta | None) -> CallStore:
     return SqliteCallStore(Path(path), retention=retention)
 
 
-# URL scheme -> factory(url, retention). A PostgreSQL store adds "postgresql" here.
+def _postgres_from_url(url: str, retention: timedelta | None) -> CallStore:
+    # Its driver (asyncpg, the optional `cluster` extra) is imported only on connecting.
+    return PostgresCallStore(url, retention=retention)
+
+
+# URL scheme -> factory(url, retention).
 STORE_FACTORIES: dict[str, Callable[[str, timedelta | None], CallStore]] = {
     "sqlite": _sqlite_from_url,
+    "postgresql": _postgres_from_url,
+    "postgres": _postgres_from_url,
 }
 
 
@@ -54,11 +63,14 @@ def open_store(
     settings: Settings, *, url: str | None = None, retention: timedelta | None = None
 ) -> CallStore:
     """The store the settings ask for, not yet opened (`await store.open()` checks it now;
-    otherwise it opens on first use). `url` (or a future `storeUrl` option) selects another
-    store by scheme; unset means SQLite in `settings.state_dir`. `retention` (or a future
-    `storeRetentionDays` option) purges ended calls older than that.
+    otherwise it opens on first use). `url` (or the `databaseUrl` / `storeUrl` options)
+    selects another store by scheme, e.g. `postgresql://…`; unset means SQLite in
+    `settings.state_dir`. `retention` (or a `storeRetentionDays` option) purges ended calls
+    older than that.
     """
-    url = url or getattr(settings, "store_url", None)
+    url = url or getattr(settings, "database_url", None) or getattr(settings, "store_url", None)
+    if hasattr(url, "get_secret_value"):  # a URL with a password may be kept as a SecretStr
+        url = url.get_secret_value()
     if retention is None:
         days = getattr(settings, "store_retention_days", None)
         retention = timedelta(days=days) if days else None
@@ -84,6 +96,7 @@ __all__ = [
     "CallStore",
     "DuplicateCallError",
     "EndReason",
+    "PostgresCallStore",
     "PurgeResult",
     "SqliteCallStore",
     "StoreCorruptError",
