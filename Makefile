@@ -4,15 +4,18 @@ PYTHON ?= python3
 UV := .tools/bin/uv
 VENV := .venv/bin
 
-.PHONY: demo test lint format env bench clean
+.PHONY: demo test test-services lint format env bench clean
 
 PROVIDER ?= meta
 
 demo: env
 	$(VENV)/whatsapp-call demo --provider $(PROVIDER)
 
-test: env lint
+test: env lint test-services
 	$(VENV)/pytest
+
+test-services:
+	@scripts/install-test-services.sh
 
 lint: env
 	$(VENV)/ruff check .
