@@ -69,6 +69,7 @@ class Runtime:
         try:
             self.metrics = Metrics()
             self.metrics.seed_from_store(await self.store.count_by_state())
+            instance_id = _instance_id(settings) if settings.redis_url else None
             if self.workers > 1:
                 from .workers.front import WorkerPool
 
@@ -78,9 +79,18 @@ class Runtime:
                     workers=self.workers,
                     worker_command=self.worker_command or [],
                     metrics=self.metrics,
+                    instance_id=instance_id,
                 )
             else:
-                self.service = CallService(settings, self.store, metrics=self.metrics)
+                self.service = CallService(
+                    settings, self.store, metrics=self.metrics, worker_id=instance_id
+                )
+            if instance_id is not None:
+                from .cluster.bus import RedisEventBus
+                from .cluster.instance import ClusterService
+
+                bus = RedisEventBus(settings.secret("redis_url"), instance_id)
+                self.service = ClusterService(self.service, bus)
             routes = list(api_routes(self.service))
             self._mcp_route = _mcp_route(self.service, settings)
             if self._mcp_route is not None:
@@ -124,3 +134,10 @@ def _mcp_route(service: Any, settings: Settings) -> Any:
     except (ImportError, ConfigError) as exc:
         log.info("/mcp not served: %s", getattr(exc, "message", exc))
         return None
+
+
+def _instance_id(settings: Settings) -> str:
+    """This instance's stable name among several: `instanceId`, else the host name."""
+    import socket
+
+    return settings.instance_id or socket.gethostname().replace(":", "-")

@@ -135,12 +135,16 @@ class CallService:
         for record in await self.store.non_final_calls():
             if record.id in self._active:
                 continue
-            if self.worker_id is not None and record.worker != self.worker_id:
-                continue  # another worker's call: its owner (or the front) reconciles it
+            if not self.owns(record):
+                continue  # another process's call: its owner (or the front) reconciles it
             detail = f"restarted: the service stopped while the call was {record.state.value}"
             if await self.reconcile(record, detail):
                 reconciled.append(record)
         return reconciled
+
+    def owns(self, record: CallRecord) -> bool:
+        """Whether reconciling `record` at start-up is this process's job."""
+        return self.worker_id is None or record.worker == self.worker_id
 
     async def reconcile(self, record: CallRecord, detail: str) -> bool:
         """End a call whose owning process is gone: terminate it at the provider (so nobody

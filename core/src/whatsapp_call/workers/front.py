@@ -78,9 +78,12 @@ class WorkerPool(CallService):
         workers: int,
         worker_command: list[str],
         metrics: Any = None,
+        instance_id: str | None = None,
     ):
         super().__init__(settings, store, metrics=metrics, live=LiveUpdates())
-        self.workers = [Worker(f"w{i + 1}") for i in range(workers)]
+        self.instance_id = instance_id  # set when several instances share the store
+        prefix = f"{instance_id}/" if instance_id else ""
+        self.workers = [Worker(f"{prefix}w{i + 1}") for i in range(workers)]
         self.worker_command = worker_command
         self._supervisors: list[asyncio.Task[None]] = []
         self._streams: dict[str, asyncio.Task[None]] = {}
@@ -249,6 +252,11 @@ class WorkerPool(CallService):
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError
             await asyncio.sleep(WAIT_POLL_SECONDS)
+
+    def owns(self, record: CallRecord) -> bool:
+        if self.instance_id is None:
+            return True  # the only instance: whatever a previous run left is ours
+        return any(record.worker == w.id for w in self.workers)
 
     @property
     def active_count(self) -> int:
