@@ -1,0 +1,309 @@
+"""One measured run: N concurrent calls through one system (ours, the baseline or pipecat)
+to N simulated callers, each in its own process, and everything that can be measured about
+it over a steady window. `capacity.py`, `latency.py` and `run_all.py` are built on this."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .common import (
+    PIPECAT_REQUIREMENTS,
+    PIPECAT_VENV,
+    ROOT,
+    BenchError,
+    Child,
+    CpuWindow,
+    loadavg,
+    pcts,
+    rss_bytes,
+)
+
+PY = sys.executable
+CLI = str(Path(sys.executable).parent / "whatsapp-call")
+SYSTEMS = ("ours", "baseline", "pipecat")
+MB = 1024 * 1024
+
+
+def serve_has_workers() -> bool:
+    """Whether `whatsapp-call serve` takes --workers (being added while this was written)."""
+    out = subprocess.run([CLI, "serve", "--help"], capture_output=True, text=True, timeout=60)
+    return "--workers" in out.stdout
+
+
+def ensure_pipecat() -> Path:
+    """pipecat's own virtual environment (built once with uv); returns its python."""
+    python = PIPECAT_VENV / "bin" / "python"
+    if python.exists():
+        return python
+    uv = shutil.which("uv") or str(ROOT / ".tools" / "bin" / "uv")
+    base = Path(sys.base_prefix) / "bin" / "python3"
+    try:
+        subprocess.run(
+            [uv, "venv", "--python", str(base), str(PIPECAT_VENV)], check=True, timeout=300
+        )
+        subprocess.run(
+            [uv, "pip", "install", "--python", str(python), "-r", str(PIPECAT_REQUIREMENTS)],
+            check=True,
+            timeout=900,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise BenchError(
+            f"Could not build pipecat's virtual environment in {PIPECAT_VENV}: {exc}. "
+            "Fix: run `make env` (it bootstraps uv into .tools/) and check PyPI is reachable."
+        ) from None
+    return python
+
+
+async def _wait_http(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as client:
+        while time.monotonic() < deadline:
+            try:
+                if (await client.get(url + "/healthz", timeout=2)).status_code < 500:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.2)
+    raise BenchError(f"the service at {url} did not come up within {timeout:g} s")
+
+
+def _delta(after: dict[str, Any], before: dict[str, Any], key: str) -> int:
+    return int(after.get(key) or 0) - int(before.get(key) or 0)
+
+
+async def run_system(
+    system: str,
+    calls: int,
+    *,
+    seconds: float = 10.0,
+    warmup: float = 3.0,
+    script: str = "talk",
+    loss: float = 0.0,
+    jitter_ms: float = 0.0,
+    turn: bool = False,
+    workers: int = 1,
+    tap: bool = True,
+    connect_timeout: float = 90.0,
+) -> dict[str, Any]:
+    """Run `calls` calls through `system`; return the measurements (JSON-able)."""
+    if system not in SYSTEMS:
+        raise BenchError(f"unknown system {system!r}; use one of {', '.join(SYSTEMS)}")
+    tmp = tempfile.TemporaryDirectory(prefix="whatsapp-call-bench-")
+    options = {
+        "state_dir": tmp.name,
+        "script": script,
+        "loss": loss,
+        "jitter_ms": jitter_ms,
+        "turn": turn,
+        "tap": tap,
+    }
+    sims = Child("sims", [PY, "-m", "bench.harness.sims", json.dumps(options)])
+    peer: Child | None = None
+    result: dict[str, Any] = {
+        "system": system,
+        "calls": calls,
+        "script": script,
+        "loss": loss,
+        "jitter_ms": jitter_ms,
+        "workers": workers if system == "ours" else None,
+        "loadavg_start": loadavg(),
+    }
+    call_ids: list[str] = []
+    try:
+        ready = await sims.start()
+        env = {"OPENAI_API_KEY": ready["api_key"]}
+        url, token = ready["service_url"], ready["service_token"]
+        if system == "ours":
+            env = {
+                "WHATSAPP_CALL_MAX_CONCURRENT_CALLS": "10000",
+                "WHATSAPP_CALL_LOG_LEVEL": "warning",
+            }
+            if workers > 1:
+                if not serve_has_workers():
+                    raise BenchError(
+                        "`whatsapp-call serve` has no --workers option yet; measure --workers 1."
+                    )
+                argv = [CLI, "-c", ready["config_path"], "serve", "--workers", str(workers)]
+                peer = Child("service", argv, env)
+                await peer.start(ready_timeout=0)  # plain `serve` prints no JSON lines
+                await _wait_http(url, 60)
+            else:
+                peer = Child(
+                    "service", [PY, "-m", "bench.harness.service", ready["config_path"]], env
+                )
+                await peer.start()
+        elif system == "baseline":
+            peer = Child("baseline", [PY, "-m", "bench.baseline_echo", ready["realtime_url"]], env)
+            await peer.start()
+        else:
+            python = ensure_pipecat()
+            peer = Child(
+                "pipecat", [str(python), "-m", "bench.pipecat_peer", ready["realtime_url"]], env
+            )
+            await peer.start(ready_timeout=120)
+        await asyncio.sleep(1.0)
+        rss_idle = rss_bytes(peer.pid)
+
+        t_place = time.monotonic()
+        if system == "ours":
+            async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as http:
+                for i in range(calls):
+                    r = await http.post(
+                        f"{url}/v1/calls", json={"to": f"+1415555{i:04d}"}, timeout=30
+                    )
+                    if r.status_code != 202:
+                        raise BenchError(f"POST /v1/calls answered {r.status_code}: {r.text[:300]}")
+                    call_ids.append(r.json()["id"])
+        else:
+            for i in range(calls):
+                if system == "baseline":
+                    offer = (await peer.ask("make_offer", id=i))["sdp"]
+                    answer = (await sims.ask("user_answer", id=i, sdp=offer))["sdp"]
+                    await peer.ask("accept", id=i, sdp=answer)
+                else:
+                    offer = (await sims.ask("user_offer", id=i))["sdp"]
+                    answer = (await peer.ask("answer", id=i, sdp=offer, timeout=60))["sdp"]
+                    await sims.ask("user_accept", id=i, sdp=answer)
+        deadline = time.monotonic() + connect_timeout
+        while True:
+            state = await sims.ask("connected")
+            if state["count"] >= calls:
+                break
+            if time.monotonic() > deadline or state["ended"]:
+                raise BenchError(
+                    f"{system}: only {state['count']} of {calls} calls connected "
+                    f"(ended: {state['ended']}); see bench/results/logs/"
+                )
+            await asyncio.sleep(0.2)
+        result["connect_all_s"] = round(time.monotonic() - t_place, 2)
+        await asyncio.sleep(warmup)
+
+        inside = system == "ours" and workers == 1
+        before = (await peer.ask("snapshot"))["calls"] if inside else {}
+        if inside:
+            await peer.ask("mark")
+        await sims.ask("mark")
+        window = CpuWindow(peer.pid)
+        window.start()
+        await asyncio.sleep(seconds)
+        cores = window.stop()
+        rss = rss_bytes(peer.pid)
+        after = (await peer.ask("snapshot"))["calls"] if inside else {}
+        lag = (await peer.ask("lag"))["lag_ms"] if inside else None
+        wire = await sims.ask("stats", timeout=60)
+        result.update(
+            seconds=seconds,
+            cpu_cores=round(cores, 3),
+            cpu_core_per_call=round(cores / calls, 4),
+            rss_idle_mb=round(rss_idle / MB, 1),
+            rss_mb=round(rss / MB, 1),
+            mem_per_call_mb=round((rss - rss_idle) / MB / calls, 2),
+            sims_cpu_cores=wire["sims_cpu_cores"],
+            loadavg_end=loadavg(),
+        )
+        result.update(_wire_figures(wire, ready["first_delta_delay"]))
+        if inside:
+            result.update(_inside_figures(before, after, lag))
+        healthy = wire_ok = result["wire_late_gaps"] == 0 and result["calls_alive"] == calls
+        if inside:
+            healthy = wire_ok and result["late_frames"] == 0 and result["inbound_gaps"] == 0
+        result["ok"] = healthy
+        if system == "ours":
+            result.update(await _records(url, token, call_ids))
+    finally:
+        if peer is not None:
+            await peer.stop()
+        await sims.stop()
+        tmp.cleanup()
+    return result
+
+
+def _wire_figures(wire: dict[str, Any], first_delta_delay: float) -> dict[str, Any]:
+    calls = wire["calls"]
+    silence = [s["silence_ms"] for s in wire["sessions"] if s.get("silence_ms")]
+    silence_ms = max(set(silence), key=silence.count) if silence else 500
+    model_ms = silence_ms + first_delta_delay * 1e3
+    turns = [t for c in calls for t in c.get("turns", [])]
+    barges = [b for c in calls for b in c.get("barge_ins", [])]
+    added = [t["wire_ms"] - model_ms for t in turns]
+    outbound = [t["outbound_ms"] for t in turns if t.get("outbound_ms") is not None]
+    after_vad = [b["wire_ms"] - b["vad_ms"] for b in barges if b.get("vad_ms") is not None]
+    pacing = [c["pacing"] for c in calls if "pacing" in c]
+    return {
+        "calls_alive": sum(1 for c in calls if c.get("end_reason") is None),
+        "model_delay_ms": model_ms,
+        "turn_wire_ms": pcts([t["wire_ms"] for t in turns]),
+        "turn_added_ms": pcts(added),
+        "turn_outbound_ms": pcts(outbound),
+        "barge_in_wire_ms": pcts([b["wire_ms"] for b in barges]),
+        "barge_in_vad_ms": pcts([b["vad_ms"] for b in barges if b.get("vad_ms") is not None]),
+        "barge_in_after_vad_ms": pcts(after_vad),
+        "wire_late_gaps": sum(p["late_gaps"] for p in pacing),
+        "wire_max_gap_ms": max((p["max_gap_ms"] or 0 for p in pacing), default=None),
+        "relay_dropped": sum(c.get("relay_dropped", 0) for c in calls),
+    }
+
+
+def _inside_figures(before: dict, after: dict, lag: dict | None) -> dict[str, Any]:
+    late = dropped = gaps = lost = concealed = 0
+    jb = {"p50": [], "p95": [], "p99": []}
+    for call_id, a in after.items():
+        b = before.get(call_id, {"inbound": {}})
+        late += _delta(a, b, "late_frames")
+        dropped += _delta(a, b, "dropped_frames")
+        lost += _delta(a["inbound"], b["inbound"], "lost")
+        concealed += _delta(a["inbound"], b["inbound"], "concealed")
+        gaps += _delta(a["inbound"], b["inbound"], "lost") + _delta(
+            a["inbound"], b["inbound"], "dropped_unread"
+        )
+        for q in (50, 95, 99):
+            v = a["inbound"].get(f"delay_p{q}_ms")
+            if v is not None:
+                jb[f"p{q}"].append(v)
+    return {
+        "late_frames": late,
+        "dropped_frames": dropped,
+        "inbound_gaps": gaps,
+        "inbound_lost": lost,
+        "inbound_concealed": concealed,
+        # per call p50/p95/p99 of the receive path's delay; the median call's value
+        "jitter_buffer_ms": {k: (sorted(v)[len(v) // 2] if v else None) for k, v in jb.items()},
+        "loop_lag_ms": lag,
+    }
+
+
+async def _records(url: str, token: str, call_ids: list[str]) -> dict[str, Any]:
+    """Hang every call up, then read the set-up phases and bridge metrics of its record."""
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
+        await asyncio.gather(
+            *(http.post(f"{url}/v1/calls/{cid}/hangup") for cid in call_ids), return_exceptions=True
+        )
+        records = []
+        for cid in call_ids:
+            r = await http.get(f"{url}/v1/calls/{cid}")
+            if r.status_code == 200:
+                records.append(r.json())
+    setup: dict[str, list[float]] = {}
+    bridge_turns = []
+    for rec in records:
+        metrics = rec.get("metrics") or rec.get("call", {}).get("metrics") or {}
+        for phase, ms in (metrics.get("setup_ms") or {}).items():
+            setup.setdefault(phase, []).append(ms)
+        for t in (metrics.get("audio") or {}).get("turns", []):
+            if t.get("response_latency_ms") is not None:
+                bridge_turns.append(t["response_latency_ms"])
+    return {
+        "setup_ms": {phase: pcts(v, (50, 95)) for phase, v in setup.items()},
+        "bridge_turn_ms": pcts(bridge_turns),
+        "records": len(records),
+    }
