@@ -10,12 +10,18 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
 from .config import Settings
 from .errors import BadInputError, ConfigError, WhatsAppCallError
 from .redact import scrub
+
+
+def _seg(value: str) -> str:
+    """One URL path segment: a call id or number typed by a user cannot reach another route."""
+    return quote(value, safe="+")
 
 
 class ServiceError(WhatsAppCallError):
@@ -93,7 +99,7 @@ class ServiceClient:
         return await self._request("POST", "/v1/calls", json=body, headers=headers)
 
     async def get_call(self, call_id: str) -> dict[str, Any]:
-        return await self._request("GET", f"/v1/calls/{call_id}")
+        return await self._request("GET", f"/v1/calls/{_seg(call_id)}")
 
     async def list_calls(self, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         params: dict[str, Any] = {"limit": limit}
@@ -102,19 +108,21 @@ class ServiceClient:
         return (await self._request("GET", "/v1/calls", params=params))["calls"]
 
     async def hangup(self, call_id: str) -> dict[str, Any]:
-        return await self._request("POST", f"/v1/calls/{call_id}/hangup")
+        return await self._request("POST", f"/v1/calls/{_seg(call_id)}/hangup")
 
     async def check_permission(self, to: str) -> dict[str, Any]:
-        return await self._request("GET", f"/v1/permissions/{to}")
+        return await self._request("GET", f"/v1/permissions/{_seg(to)}")
 
     async def request_permission(self, to: str) -> dict[str, Any]:
-        return await self._request("POST", f"/v1/permissions/{to}/request")
+        return await self._request("POST", f"/v1/permissions/{_seg(to)}/request")
 
     async def events(self, call_id: str) -> AsyncIterator[dict[str, Any]]:
         """The call's live updates (Server-Sent Events) until it ends."""
         try:
             async with self._http.stream(
-                "GET", f"/v1/calls/{call_id}/events", timeout=httpx.Timeout(60.0, connect=10.0)
+                "GET",
+                f"/v1/calls/{_seg(call_id)}/events",
+                timeout=httpx.Timeout(60.0, connect=10.0),
             ) as response:
                 if response.status_code >= 400:
                     await response.aread()

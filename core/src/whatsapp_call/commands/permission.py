@@ -52,7 +52,39 @@ def _provider(settings: Settings) -> str:
     return settings.provider
 
 
+def _time(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) and value else None
+
+
+async def _ask_service(hook: str, to: PhoneNumber, settings: Settings) -> Any:
+    """Remote mode: the service asks its provider (this machine has no provider set up)."""
+    from ..client import ServiceClient
+
+    async with ServiceClient.from_settings(settings) as client:
+        if hook == "check_permission":
+            data = await client.check_permission(to.e164)
+            return PermissionState(
+                status=PermissionStatus(data["status"]),
+                permanent=bool(data.get("permanent")),
+                expires_at=_time(data.get("expires_at")),
+                can_request=bool(data.get("can_request")),
+                can_call=bool(data.get("can_call")),
+                next_request_at=_time(data.get("next_request_at")),
+                next_call_at=_time(data.get("next_call_at")),
+                detail=data.get("detail") or "",
+            )
+        data = await client.request_permission(to.e164)
+        return PermissionRequestResult(
+            outcome=PermissionRequestOutcome(data["outcome"]),
+            message_id=data.get("message_id"),
+            retry_at=_time(data.get("retry_at")),
+            detail=data.get("detail") or "",
+        )
+
+
 async def _ask(hook: str, to: PhoneNumber, settings: Settings) -> Any:
+    if settings.remote:
+        return await _ask_service(hook, to, settings)
     provider = _provider(settings)
     call = Call(to=to, provider=provider)
     result = await plugin_mod.call_first(hook, call=call, settings=settings)
