@@ -11,8 +11,11 @@ PROVIDER ?= meta
 demo: env
 	$(VENV)/whatsapp-call demo --provider $(PROVIDER)
 
+# Most tests wait on sockets, not the CPU: three workers in parallel, then the few that measure
+# real-time pacing on their own.
 test: env lint test-services
-	$(VENV)/pytest
+	$(VENV)/pytest -n 3 --dist loadfile -m "not serial"
+	$(VENV)/pytest -m serial
 
 test-services:
 	@scripts/install-test-services.sh
