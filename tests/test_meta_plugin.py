@@ -40,10 +40,10 @@ from whatsapp_call.models import (
     WebhookRequest,
 )
 from whatsapp_call.phone import parse_phone
+from whatsapp_call.providers.http import ClientPool, RateLimiter, parse_retry_after
 from whatsapp_call.serving import serve_asgi
 from whatsapp_call_meta import client as meta_client
 from whatsapp_call_meta import webhooks as meta_webhooks
-from whatsapp_call_meta._http import ClientPool, RateLimiter, parse_retry_after
 from whatsapp_call_sim.whatsapp import Scenario, SimConfig, WhatsAppSimulator
 
 APP_SECRET = "test-app-secret-123"

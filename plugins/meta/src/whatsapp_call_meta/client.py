@@ -6,7 +6,6 @@ Every function takes the validated core `Settings`; the access token goes only i
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,13 +18,21 @@ from whatsapp_call.models import (
     PermissionRequestResult,
     PermissionState,
 )
+from whatsapp_call.providers.http import (
+    ClientPool,
+    HttpPolicy,
+    RateLimiter,
+    json_object,
+    send,
+    unexpected_answer,
+)
+from whatsapp_call.providers.permissions import permission_state, refused_request_result
 from whatsapp_call.redact import scrub
 
-from ._http import ClientPool, HttpPolicy, RateLimiter, send
-from .permissions import fmt_time, permission_state, time_in_details
 from .settings import http_policy
 
 PROVIDER = "meta"
+LABEL = "Meta"
 PERMISSION_CHECKS_PER_SECOND = 5  # Meta: 5 call_permissions requests / 1 s, else error 613
 
 pool = ClientPool()
@@ -181,6 +188,7 @@ async def _graph(
         method,
         url,
         provider=PROVIDER,
+        label=LABEL,
         what=what,
         policy=policy or http_policy(settings),
         error_from_response=lambda r: graph_error(r, what),
@@ -189,28 +197,23 @@ async def _graph(
         json=json_body,
         idempotent=idempotent,
     )
-    try:
-        data = response.json()
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
-        snippet = scrub(response.text.strip().replace("\n", " "))[:120]
-        raise ProviderError(
-            f"Meta: could not {what}: the answer (HTTP {response.status_code}) is not a JSON "
-            f"object: {snippet!r}.",
-            "Check metaGraphBaseUrl: it must point at the Graph API (https://graph.facebook.com).",
-            provider=PROVIDER,
-            http_status=response.status_code,
-        )
-    return data
+    return json_object(
+        response,
+        provider=PROVIDER,
+        label=LABEL,
+        what=what,
+        hint="Check metaGraphBaseUrl: it must point at the Graph API (https://graph.facebook.com).",
+    )
 
 
 def _unexpected(what: str, data: Any, missing: str) -> ProviderError:
-    shown = scrub(json.dumps(data)[:200])
-    return ProviderError(
-        f"Meta: could not {what}: the answer has no {missing}: {shown}.",
-        "Check metaGraphBaseUrl and metaGraphVersion; this may be an API change.",
+    return unexpected_answer(
+        data,
+        missing,
         provider=PROVIDER,
+        label=LABEL,
+        what=what,
+        hint="Check metaGraphBaseUrl and metaGraphVersion; this may be an API change.",
     )
 
 
@@ -228,7 +231,7 @@ async def check_permission(call: Call, settings: Settings) -> PermissionState:
         params={"user_wa_id": call.to.wa_id},
         idempotent=True,
     )
-    return permission_state(data, PROVIDER)
+    return permission_state(data, PROVIDER, label=LABEL)
 
 
 async def request_permission(call: Call, settings: Settings) -> PermissionRequestResult:
@@ -255,26 +258,11 @@ async def request_permission(call: Call, settings: Settings) -> PermissionReques
         data = await _graph(
             settings, "POST", graph_url(settings, "/messages"), what, json_body=message
         )
-    except ProviderError as exc:
-        if exc.code == 138017:
-            return PermissionRequestResult(
-                PermissionRequestOutcome.ALREADY_PERMANENT,
-                detail="The user already allows calls permanently; no request was sent.",
-            )
-        if exc.code != 138009:
-            raise
-        retry_at = time_in_details(exc.details)
-        if retry_at is None:  # ask Meta when the request limit resets
-            try:
-                retry_at = (await check_permission(call, settings)).next_request_at
-            except ProviderError:
-                retry_at = None
-        return PermissionRequestResult(
-            PermissionRequestOutcome.LIMIT_REACHED,
-            retry_at=retry_at,
-            detail="No request was sent: the limit of permission requests to this user is "
-            "reached (1 per 24 h, 2 per 7 days)"
-            + (f"; next possible at {fmt_time(retry_at)}." if retry_at else "."),
+    except ProviderError as exc:  # 138017 / 138009 are outcomes; anything else is raised
+        return await refused_request_result(
+            exc,
+            lambda: check_permission(call, settings),
+            limit_note=" (1 per 24 h, 2 per 7 days)",
         )
     messages = data.get("messages")
     if not (isinstance(messages, list) and messages and isinstance(messages[0], dict)):

@@ -9,10 +9,10 @@ from urllib.parse import urlsplit
 from whatsapp_call.config import Settings
 from whatsapp_call.errors import WhatsAppCallError
 from whatsapp_call.models import CheckStatus, DoctorCheck
+from whatsapp_call.providers.http import HttpPolicy
+from whatsapp_call.providers.permissions import to_datetime
 
 from . import client
-from ._http import HttpPolicy
-from .permissions import to_datetime
 
 PLUGIN = "meta"
 # Doctor must answer quickly: short timeout, one retry at most.

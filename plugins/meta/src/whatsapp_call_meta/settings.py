@@ -5,8 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 from whatsapp_call.config import Settings
-
-from ._http import HttpPolicy
+from whatsapp_call.providers.http import HttpPolicy
 
 
 class MetaSettings(BaseModel):

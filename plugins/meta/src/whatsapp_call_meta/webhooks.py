@@ -7,7 +7,6 @@ well-formed Meta payload raises `WebhookRejected` naming what is wrong; nothing 
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import logging
@@ -24,9 +23,15 @@ from whatsapp_call.models import (
     WebhookRequest,
     WebhookResult,
 )
+from whatsapp_call.providers.webhooks import (
+    SIGNATURE_HEADER,
+    get_header,
+    hub_signature,
+    json_object,
+)
 
 PROVIDER = "meta"
-SIGNATURE_HEADER = "x-hub-signature-256"
+LABEL = "Meta"
 STATUS_EVENTS = {
     "RINGING": CallEventType.RINGING,
     "ACCEPTED": CallEventType.ACCEPTED,
@@ -44,8 +49,8 @@ def parse(request: WebhookRequest, settings: Settings) -> WebhookResult:
         raise WebhookRejected(
             f"Meta webhooks are GET (verification) or POST, not {method}.", status_code=405
         )
-    verify_signature(request.body, _header(request.headers, SIGNATURE_HEADER), settings)
-    payload = _load(request.body)
+    verify_signature(request.body, get_header(request.headers, SIGNATURE_HEADER), settings)
+    payload = json_object(request.body, LABEL)
     return WebhookResult(events=list(events(payload)))
 
 
@@ -82,11 +87,6 @@ def verify_subscription(query: Mapping[str, str], settings: Settings) -> Webhook
     return WebhookResult(body=challenge, content_type="text/plain")
 
 
-def signature(body: bytes, app_secret: str) -> str:
-    """The X-Hub-Signature-256 header value Meta sends for `body`."""
-    return "sha256=" + hmac.new(app_secret.encode(), body, hashlib.sha256).hexdigest()
-
-
 def verify_signature(body: bytes, header: str | None, settings: Settings) -> None:
     """HMAC-SHA256 of the raw body with the app secret, compared in constant time."""
     secret = settings.secret("meta_app_secret")
@@ -102,8 +102,8 @@ def verify_signature(body: bytes, header: str | None, settings: Settings) -> Non
             "Meta webhook refused: the X-Hub-Signature-256 header is missing.",
             status_code=403,
         )
-    expected = signature(body, secret)
-    if not hmac.compare_digest(header.strip().lower().encode(), expected.encode()):
+    expected = hub_signature(body, secret).encode()
+    if not hmac.compare_digest(header.strip().lower().encode(), expected):
         raise WebhookRejected(
             "Meta webhook refused: X-Hub-Signature-256 does not match the body.",
             status_code=403,
@@ -112,28 +112,11 @@ def verify_signature(body: bytes, header: str | None, settings: Settings) -> Non
         )
 
 
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    value = headers.get(name)
-    if value is None:
-        value = next((v for k, v in headers.items() if k.lower() == name), None)
-    return value
-
-
 # ---------------------------------------------------------------------------- payloads
 
 
 def _reject(problem: str) -> WebhookRejected:
-    return WebhookRejected(f"Meta webhook: {problem}.", status_code=400)
-
-
-def _load(body: bytes) -> dict[str, Any]:
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise _reject(f"the body is not JSON ({exc})") from None
-    if not isinstance(payload, dict):
-        raise _reject(f"the body must be a JSON object, not {type(payload).__name__}")
-    return payload
+    return WebhookRejected(f"{LABEL} webhook: {problem}.", status_code=400)
 
 
 def _obj(value: Any, where: str) -> dict[str, Any]:

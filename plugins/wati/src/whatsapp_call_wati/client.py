@@ -11,7 +11,6 @@ by WATI's `callId` (returned here by `send_offer`) alone.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 from urllib.parse import quote
@@ -25,13 +24,20 @@ from whatsapp_call.models import (
     PermissionRequestResult,
     PermissionState,
 )
+from whatsapp_call.providers.http import (
+    ClientPool,
+    HttpPolicy,
+    json_object,
+    send,
+    unexpected_answer,
+)
+from whatsapp_call.providers.permissions import permission_state, refused_request_result
 from whatsapp_call.redact import scrub
 
-from ._http import ClientPool, HttpPolicy, send
-from .permissions import fmt_time, permission_state, time_in_details
 from .settings import http_policy
 
 PROVIDER = "wati"
+LABEL = "WATI"
 API_PATH = "api/v1/openapi/whatsapp/calls"
 
 pool = ClientPool()
@@ -167,6 +173,7 @@ async def _wati(
         method,
         f"{base_url(settings)}/{path}",
         provider=PROVIDER,
+        label=LABEL,
         what=what,
         policy=policy or http_policy(settings),
         error_from_response=lambda r: _response_error(r, what),
@@ -175,19 +182,13 @@ async def _wati(
         json=json_body,
         idempotent=idempotent,
     )
-    try:
-        data = response.json()
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
-        snippet = scrub(response.text.strip().replace("\n", " "))[:120]
-        raise ProviderError(
-            f"WATI: could not {what}: the answer (HTTP {response.status_code}) is not a JSON "
-            f"object: {snippet!r}.",
-            "Check watiBaseUrl: it must be the WATI API host (e.g. https://live-mt-server.wati.io).",
-            provider=PROVIDER,
-            http_status=response.status_code,
-        )
+    data = json_object(
+        response,
+        provider=PROVIDER,
+        label=LABEL,
+        what=what,
+        hint="Check watiBaseUrl: it must be the WATI API host (e.g. https://live-mt-server.wati.io).",
+    )
     code = data.get("code")
     if code is not None and str(code).strip() != "200":
         message = data.get("message")
@@ -201,11 +202,13 @@ async def _wati(
 
 
 def _unexpected(what: str, data: Any, missing: str) -> ProviderError:
-    return ProviderError(
-        f"WATI: could not {what}: the answer has no {missing}: "
-        f"{scrub(json.dumps(data, default=str)[:200])}.",
-        "Check watiBaseUrl; this may be a WATI API change.",
+    return unexpected_answer(
+        data,
+        missing,
         provider=PROVIDER,
+        label=LABEL,
+        what=what,
+        hint="Check watiBaseUrl; this may be a WATI API change.",
     )
 
 
@@ -217,33 +220,15 @@ async def check_permission(call: Call, settings: Settings) -> PermissionState:
     result = await _wati(settings, "GET", f"permissions/{call.to.wa_id}", what, idempotent=True)
     if not isinstance(result, dict):
         raise _unexpected(what, result, "result object")
-    return permission_state(result, PROVIDER, what)
+    return permission_state(result, PROVIDER, what, label=LABEL)
 
 
 async def request_permission(call: Call, settings: Settings) -> PermissionRequestResult:
     what = "send the call-permission request"
     try:
         result = await _wati(settings, "POST", f"call-permission-request/{call.to.wa_id}", what)
-    except ProviderError as exc:
-        if exc.code == 138017:
-            return PermissionRequestResult(
-                PermissionRequestOutcome.ALREADY_PERMANENT,
-                detail="The user already allows calls permanently; no request was sent.",
-            )
-        if exc.code != 138009:
-            raise
-        retry_at = time_in_details(exc.details)
-        if retry_at is None:  # ask WATI when the request limit resets
-            try:
-                retry_at = (await check_permission(call, settings)).next_request_at
-            except ProviderError:
-                retry_at = None
-        return PermissionRequestResult(
-            PermissionRequestOutcome.LIMIT_REACHED,
-            retry_at=retry_at,
-            detail="No request was sent: the limit of permission requests to this user is "
-            "reached" + (f"; next possible at {fmt_time(retry_at)}." if retry_at else "."),
-        )
+    except ProviderError as exc:  # 138017 / 138009 are outcomes; anything else is raised
+        return await refused_request_result(exc, lambda: check_permission(call, settings))
     message_id = None
     if isinstance(result, dict):
         for key in ("messageId", "id", "wamid"):

@@ -7,9 +7,9 @@ import httpx
 from whatsapp_call.config import Settings
 from whatsapp_call.errors import WhatsAppCallError
 from whatsapp_call.models import CheckStatus, DoctorCheck
+from whatsapp_call.providers.http import HttpPolicy
 
 from . import client
-from ._http import HttpPolicy
 
 PLUGIN = "wati"
 DOCTOR_POLICY = HttpPolicy(timeout=5.0, budget=5.0, attempts=1)

@@ -31,9 +31,15 @@ from typing import Any
 from whatsapp_call.config import Settings
 from whatsapp_call.errors import WebhookRejected
 from whatsapp_call.models import CallEvent, CallEventType, WebhookRequest, WebhookResult
+from whatsapp_call.providers.webhooks import (
+    SIGNATURE_HEADER,
+    get_header,
+    hub_signature,
+    json_object,
+)
 
 PROVIDER = "wati"
-SIGNATURE_HEADER = "x-hub-signature-256"
+LABEL = "WATI"
 
 # Sub-path segments and `event` values, normalised to what we do with them.
 KINDS = {
@@ -72,10 +78,6 @@ DENIED_WORDS = {"denied", "rejected", "reject", "declined", "refused", "false"}
 log = logging.getLogger(__name__)
 
 
-def signature(body: bytes, secret: str) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-
-
 def verify_signature(body: bytes, header: str | None, secret: str) -> None:
     if not header:
         raise WebhookRejected(
@@ -85,7 +87,8 @@ def verify_signature(body: bytes, header: str | None, secret: str) -> None:
             hint="Configure the same secret in WATI's webhook settings, or unset "
             "watiWebhookSecret if your WATI account does not sign webhooks.",
         )
-    if not hmac.compare_digest(header.strip().lower().encode(), signature(body, secret).encode()):
+    expected = hub_signature(body, secret).encode()
+    if not hmac.compare_digest(header.strip().lower().encode(), expected):
         raise WebhookRejected(
             "WATI webhook refused: X-Hub-Signature-256 does not match the body.",
             status_code=403,
@@ -100,25 +103,13 @@ def parse(request: WebhookRequest, settings: Settings) -> WebhookResult:
         )
     secret = settings.secret("wati_webhook_secret")
     if secret:
-        verify_signature(request.body, _header(request.headers, SIGNATURE_HEADER), secret)
-    try:
-        payload = json.loads(request.body)
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise _reject(f"the body is not JSON ({exc})") from None
-    if not isinstance(payload, dict):
-        raise _reject(f"the body must be a JSON object, not {type(payload).__name__}")
+        verify_signature(request.body, get_header(request.headers, SIGNATURE_HEADER), secret)
+    payload = json_object(request.body, LABEL)
     return WebhookResult(events=list(events(request.path, payload, request.body)))
 
 
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    value = headers.get(name)
-    if value is None:
-        value = next((v for k, v in headers.items() if k.lower() == name), None)
-    return value
-
-
 def _reject(problem: str) -> WebhookRejected:
-    return WebhookRejected(f"WATI webhook: {problem}.", status_code=400)
+    return WebhookRejected(f"{LABEL} webhook: {problem}.", status_code=400)
 
 
 def _text(payload: Mapping[str, Any], *names: str, required: bool = False) -> str | None:

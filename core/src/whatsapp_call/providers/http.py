@@ -1,5 +1,5 @@
-"""HTTP plumbing shared by every request this plugin makes: one pooled `httpx.AsyncClient` per
-event loop, explicit timeouts, and a bounded retry policy (tenacity) that honours `Retry-After`.
+"""HTTP plumbing for provider plugins: one pooled `httpx.AsyncClient` per event loop, explicit
+timeouts, and a bounded retry policy (tenacity) that honours `Retry-After`.
 
 Retry rules: 429, 5xx and failures to connect are retried with exponential backoff and full
 jitter; other 4xx never are. A request that may already have been carried out by the provider
@@ -7,13 +7,15 @@ jitter; other 4xx never are. A request that may already have been carried out by
 second attempt could ring the user twice. The whole exchange, sleeps included, stays inside
 `budget` seconds.
 
-(The Meta plugin carries an identical copy of this module; keep them in step.)
+tenacity is imported on first use, not with this module: core does not depend on it (a
+remote-only install has no provider plugin); a provider plugin using `send` declares it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import logging
 import time
 import weakref
@@ -21,25 +23,20 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    stop_after_attempt,
-    stop_before_delay,
-    wait_random_exponential,
-)
-from whatsapp_call import __version__
-from whatsapp_call.errors import ProviderError
-from whatsapp_call.redact import scrub
+
+from .. import __version__
+from ..errors import PluginError, ProviderError
+from ..redact import scrub
+
+if TYPE_CHECKING:
+    from tenacity import RetryCallState
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = f"whatsapp-call/{__version__}"
-LABELS = {"meta": "Meta", "wati": "WATI"}
 
 
 @dataclass(frozen=True)
@@ -145,12 +142,15 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def _wait(retry_state: RetryCallState) -> float:
-    backoff = wait_random_exponential(multiplier=0.25, max=8.0)(retry_state)
-    exc = retry_state.outcome.exception() if retry_state.outcome else None
-    if isinstance(exc, _Retryable) and exc.retry_after is not None:
-        return exc.retry_after
-    return backoff
+def _tenacity() -> Any:
+    try:
+        import tenacity
+    except ImportError:
+        raise PluginError(
+            "The provider HTTP helpers need tenacity, which is not installed.",
+            "Install it (pip install tenacity) and list it in your provider plugin's dependencies.",
+        ) from None
+    return tenacity
 
 
 async def send(
@@ -162,6 +162,7 @@ async def send(
     what: str,
     policy: HttpPolicy,
     error_from_response: Callable[[httpx.Response], ProviderError],
+    label: str | None = None,
     headers: Mapping[str, str] | None = None,
     params: Mapping[str, str] | None = None,
     json: Any = None,
@@ -169,11 +170,14 @@ async def send(
 ) -> httpx.Response:
     """Send one request with the retry policy. Returns a 2xx/3xx response; raises ProviderError.
 
-    `what` names the operation for messages ("check call permission"); `error_from_response`
-    turns a failed response into the provider's error (with its codes and hint).
+    `what` names the operation for messages ("check call permission"), `label` the provider
+    as users know it ("Meta"; default `provider`); `error_from_response` turns a failed
+    response into the provider's error (with its codes and hint).
     """
+    tenacity = _tenacity()
     client = await pool.get()
     timeout = httpx.Timeout(policy.timeout)
+    shown = label or provider
     attempts = 0
 
     async def attempt() -> httpx.Response:
@@ -184,9 +188,9 @@ async def send(
                 method, url, headers=headers, params=params, json=json, timeout=timeout
             )
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise _Retryable(_transport_error(provider, what, url, exc, sent=False)) from exc
+            raise _Retryable(_transport_error(provider, shown, what, url, exc, sent=False)) from exc
         except httpx.TransportError as exc:
-            error = _transport_error(provider, what, url, exc, sent=True)
+            error = _transport_error(provider, shown, what, url, exc, sent=True)
             if idempotent:
                 raise _Retryable(error) from exc
             raise error from exc
@@ -199,10 +203,20 @@ async def send(
             raise error_from_response(response)
         return response
 
-    retrying = AsyncRetrying(
-        retry=retry_if_exception_type(_Retryable),
-        stop=stop_after_attempt(policy.attempts) | stop_before_delay(policy.budget),
-        wait=_wait,
+    backoff = tenacity.wait_random_exponential(multiplier=0.25, max=8.0)
+
+    def wait(retry_state: RetryCallState) -> float:
+        delay = backoff(retry_state)
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(exc, _Retryable) and exc.retry_after is not None:
+            return exc.retry_after
+        return delay
+
+    retrying = tenacity.AsyncRetrying(
+        retry=tenacity.retry_if_exception_type(_Retryable),
+        stop=tenacity.stop_after_attempt(policy.attempts)
+        | tenacity.stop_before_delay(policy.budget),
+        wait=wait,
         reraise=True,
         before_sleep=lambda state: log.info(
             "%s: %s failed (attempt %d), retrying in %.1f s",
@@ -230,10 +244,9 @@ async def send(
 
 
 def _transport_error(
-    provider: str, what: str, url: str, exc: httpx.TransportError, *, sent: bool
+    provider: str, label: str, what: str, url: str, exc: httpx.TransportError, *, sent: bool
 ) -> ProviderError:
     host = httpx.URL(url).host
-    label = LABELS.get(provider, provider)
     kind = type(exc).__name__
     detail = scrub(str(exc)) or kind
     if isinstance(exc, httpx.TimeoutException):
@@ -247,3 +260,36 @@ def _transport_error(
             "carried out. Check before repeating it."
         )
     return ProviderError(message, hint, provider=provider, retryable=True)
+
+
+def json_object(
+    response: httpx.Response, *, provider: str, label: str, what: str, hint: str
+) -> dict[str, Any]:
+    """A successful response's JSON object; anything else (an HTML error page from a wrong
+    base URL, a bare list) is a ProviderError naming what came back, with `hint`."""
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        snippet = scrub(response.text.strip().replace("\n", " "))[:120]
+        raise ProviderError(
+            f"{label}: could not {what}: the answer (HTTP {response.status_code}) is not a JSON "
+            f"object: {snippet!r}.",
+            hint,
+            provider=provider,
+            http_status=response.status_code,
+        )
+    return data
+
+
+def unexpected_answer(
+    data: Any, missing: str, *, provider: str, label: str, what: str, hint: str
+) -> ProviderError:
+    """The error for an answer that lacks a field we need (`missing`, e.g. "calls[0].id")."""
+    shown = scrub(json.dumps(data, default=str)[:200])
+    return ProviderError(
+        f"{label}: could not {what}: the answer has no {missing}: {shown}.",
+        hint,
+        provider=provider,
+    )

@@ -1,22 +1,26 @@
-"""Meta's call-permission object (`GET /{phone-number-id}/call_permissions`, spec §1.4) as a
-provider-neutral `PermissionState`. WATI wraps the same object in its envelope.
+"""WhatsApp's call-permission object (Graph `GET /{phone-number-id}/call_permissions`, spec
+§1.4) as a provider-neutral `PermissionState`, and a refused permission request as a result.
 
-(The Meta plugin carries an identical copy of this module; keep them in step.)
+Meta returns the object as is; WATI (and other Business Solution Providers that proxy the
+Cloud API) wrap the same object in their envelope: pass the inner object.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from whatsapp_call.errors import ProviderError
-from whatsapp_call.models import PermissionState, PermissionStatus
-from whatsapp_call.redact import scrub
-
-LABELS = {"meta": "Meta", "wati": "WATI"}
+from ..errors import ProviderError
+from ..models import (
+    PermissionRequestOutcome,
+    PermissionRequestResult,
+    PermissionState,
+    PermissionStatus,
+)
+from ..redact import scrub
 
 
 def to_datetime(value: Any) -> datetime | None:
@@ -30,7 +34,8 @@ def to_datetime(value: Any) -> datetime | None:
         return None
 
 
-def _human_period(period: str) -> str:
+def human_period(period: str) -> str:
+    """An ISO 8601 limit period as words: "P1D" -> "day", "P7D" -> "7 days", "PT1H" -> "1 h"."""
     match = re.fullmatch(r"P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?)?", period or "")
     if not match or not any(match.groups()):
         return period or "period"
@@ -57,23 +62,32 @@ def _exhausted(action: Mapping[str, Any]) -> tuple[datetime | None, str]:
         if reset is not None or full:
             if reset is not None and (latest is None or reset > latest):
                 latest = reset
-            phrase = f"{allowed} per {_human_period(str(limit.get('time_period', '')))}"
+            phrase = f"{allowed} per {human_period(str(limit.get('time_period', '')))}"
     return latest, phrase
 
 
 def fmt_time(when: datetime | None) -> str:
+    """A time for a sentence shown to users ("2025-06-01 14:30 UTC"); "" for None."""
     return when.strftime("%Y-%m-%d %H:%M UTC") if when else ""
 
 
 def permission_state(
-    data: Mapping[str, Any], provider: str, what: str = "check call permission"
+    data: Mapping[str, Any],
+    provider: str,
+    what: str = "check call permission",
+    *,
+    label: str | None = None,
 ) -> PermissionState:
-    """Meta's call_permissions answer (also WATI's `result`) as a PermissionState."""
+    """The call_permissions object (Meta's answer, WATI's `result`) as a PermissionState.
+
+    `label` names the provider in errors as users know it ("Meta"; default `provider`).
+    """
+    label = label or provider
     permission = data.get("permission")
     if not isinstance(permission, dict) or not isinstance(permission.get("status"), str):
         shown = scrub(json.dumps(data, default=str)[:200])
         raise ProviderError(
-            f"{LABELS.get(provider, provider)}: could not {what}: the answer has no permission.status: {shown}.",
+            f"{label}: could not {what}: the answer has no permission.status: {shown}.",
             "Check the API base URL in your config; this may be an API change.",
             provider=provider,
         )
@@ -86,7 +100,7 @@ def permission_state(
     granted = status in ("temporary", "permanent")
     if status not in ("temporary", "permanent", "no_permission"):
         raise ProviderError(
-            f"{LABELS.get(provider, provider)}: could not {what}: unknown permission status {status!r}.",
+            f"{label}: could not {what}: unknown permission status {status!r}.",
             "This may be an API change; please report it.",
             provider=provider,
         )
@@ -158,3 +172,42 @@ def time_in_details(details: str | None) -> datetime | None:
             pass
     match = _UNIX.search(details)
     return to_datetime(match.group(1)) if match else None
+
+
+# WhatsApp's codes for a permission request that is refused because none is needed or allowed.
+ALREADY_PERMANENT = 138017
+REQUEST_LIMIT_REACHED = 138009
+
+
+async def refused_request_result(
+    error: ProviderError,
+    check: Callable[[], Awaitable[PermissionState]],
+    *,
+    limit_note: str = "",
+) -> PermissionRequestResult:
+    """A refused permission request as the result callers act on, or `error` raised again.
+
+    WhatsApp refuses a request to a user who already allows calls permanently (138017) and
+    one beyond the request limit (138009): neither is a failure for the caller. For the limit,
+    the reset time is read from the error's details, else asked with `check` (a permission
+    check); `limit_note` follows "is reached" in the detail (e.g. " (1 per 24 h, 2 per 7 days)").
+    """
+    if error.code == ALREADY_PERMANENT:
+        return PermissionRequestResult(
+            PermissionRequestOutcome.ALREADY_PERMANENT,
+            detail="The user already allows calls permanently; no request was sent.",
+        )
+    if error.code != REQUEST_LIMIT_REACHED:
+        raise error
+    retry_at = time_in_details(error.details)
+    if retry_at is None:  # ask the provider when the request limit resets
+        try:
+            retry_at = (await check()).next_request_at
+        except ProviderError:
+            retry_at = None
+    return PermissionRequestResult(
+        PermissionRequestOutcome.LIMIT_REACHED,
+        retry_at=retry_at,
+        detail="No request was sent: the limit of permission requests to this user is "
+        f"reached{limit_note}" + (f"; next possible at {fmt_time(retry_at)}." if retry_at else "."),
+    )
