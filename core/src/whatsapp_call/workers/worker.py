@@ -84,6 +84,7 @@ async def run_worker(settings: Settings, worker_id: str, token: str) -> None:
         loop.add_signal_handler(sig, stop.set)
     server = None
     try:
+        _warm_up()
         await service.start()
         app = create_app(
             settings,
@@ -117,3 +118,12 @@ def _stop_when_stdin_closes(stop: asyncio.Event) -> None:
             loop.call_soon_threadsafe(stop.set)
 
     threading.Thread(target=watch, name="front-watch", daemon=True).start()
+
+
+def _warm_up() -> None:
+    """Import and initialise the media stack before taking calls, so a worker's first call
+    does not stall its event loop (tens of ms of imports and codec set-up) mid-audio."""
+    from ..bridge import AudioBridge, PlayoutTrack  # noqa: F401
+    from ..media.peer import CallMedia  # noqa: F401
+
+    PlayoutTrack().stop()
