@@ -60,6 +60,29 @@ UPDATABLE_FIELDS = frozenset(
 )
 
 
+def transition_event(
+    new_state: CallState | str,
+    end_reason: EndReason | str | None,
+    detail: str | None,
+    data: dict[str, Any] | None,
+) -> tuple[CallState, EndReason | None, dict[str, Any]]:
+    """Check `transition()`'s arguments and build its "state" event (every store uses this;
+    the store fills in "from"). A wrong combination is a caller bug: ValueError."""
+    new_state = CallState(new_state)
+    reason = None if end_reason is None else EndReason(end_reason)
+    if (new_state == CallState.ENDED) != (reason is not None):
+        raise ValueError(
+            "transition() needs end_reason when, and only when, the new state is 'ended' "
+            f"(got state {new_state.value!r}, end_reason {end_reason!r})."
+        )
+    event: dict[str, Any] = {**(data or {}), "from": None, "to": new_state.value}
+    if reason is not None:
+        event["end_reason"] = reason.value
+    if detail is not None:
+        event["detail"] = detail
+    return new_state, reason, event
+
+
 @dataclass
 class CallRecord:
     """One call as stored. `id` is ours ("call_…"); `provider_call_id` the provider's."""

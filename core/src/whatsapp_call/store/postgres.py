@@ -40,6 +40,7 @@ from .base import (
     StoreError,
     StoreUnavailableError,
     TranscriptLine,
+    transition_event,
     utcnow,
 )
 
@@ -661,18 +662,7 @@ class PostgresCallStore(CallStore):
         detail: str | None = None,
         data: dict[str, Any] | None = None,
     ) -> bool:
-        new_state = CallState(new_state)
-        reason = None if end_reason is None else EndReason(end_reason)
-        if (new_state == CallState.ENDED) != (reason is not None):
-            raise ValueError(
-                "transition() needs end_reason when, and only when, the new state is 'ended' "
-                f"(got state {new_state.value!r}, end_reason {end_reason!r})."
-            )
-        event = {**(data or {}), "from": None, "to": new_state.value}
-        if reason is not None:
-            event["end_reason"] = reason.value
-        if detail is not None:
-            event["detail"] = detail
+        new_state, reason, event = transition_event(new_state, end_reason, detail, data)
 
         async with self._conn() as conn, conn.transaction():
             # The row lock serialises transitions of one call across every instance.
