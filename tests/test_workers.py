@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -22,12 +23,12 @@ CLI = str(Path(sys.executable).parent / "whatsapp-call")
 
 
 @contextlib.asynccontextmanager
-async def cluster(tmp_path, workers=2, scenario=None):
+async def cluster(tmp_path, workers=2, scenario=None, env=None):
     async with SimulatorSet(
         provider="meta", state_dir=tmp_path, scenario=scenario, turn=False
     ) as sims:
         log = (tmp_path / "serve.log").open("ab")
-        env = {**os.environ, "WHATSAPP_CALL_PLUGINS": "meta,openai"}
+        env = {**os.environ, "WHATSAPP_CALL_PLUGINS": "meta,openai", **(env or {})}
         proc = await asyncio.create_subprocess_exec(
             CLI,
             "-c",
@@ -125,3 +126,17 @@ async def test_a_dead_worker_has_its_calls_reconciled_and_is_restarted(tmp_path)
     assert sim_call.ended and sim_call.terminated_by == "business"  # nobody left on a dead line
     assert in_progress["state"] == "in_progress"
     assert len(rung_first) == 1  # reconciling never calls the person again
+
+
+async def test_the_probe_times_event_routing_from_front_to_worker(tmp_path):
+    """With WHATSAPP_CALL_WORKER_PROBE set, each worker writes how long webhook events took
+    from the front's pool to its call (bench/routing.py reads these)."""
+    probe = tmp_path / "probe"
+    env = {"WHATSAPP_CALL_WORKER_PROBE": str(probe)}
+    async with cluster(tmp_path, scenario=Scenario(hangup_after_s=2), env=env) as (_, client, _):
+        created = (await client.post("/v1/calls", json={"to": "+14155550123"})).json()
+        call = await wait_state(client, created["id"], {"ended"})
+    lines = (probe / f"{call['worker']}.jsonl").read_text().splitlines()
+    routes = [json.loads(line) for line in lines if '"route"' in line]
+    assert {"answer", "terminated"} <= {t for r in routes for t in r["events"]}, routes
+    assert all(0 <= r["ms"] < 5000 for r in routes), routes

@@ -281,6 +281,7 @@ class WorkerPool(CallService):
     # -- webhook events -------------------------------------------------------------------
 
     async def handle_events(self, events: list[CallEvent]) -> None:
+        received_at = time.monotonic()  # the worker measures routing latency from here
         routed: dict[str, list[CallEvent]] = {}
         broadcast: list[CallEvent] = []
         for event in events:
@@ -294,16 +295,20 @@ class WorkerPool(CallService):
                 log.info("event %s for call %s of a stopped worker dropped", event.type, record.id)
             else:
                 broadcast.append(event)
-        sends = [self._send(w, routed.get(w.id, []) + broadcast) for w in self.workers if w.alive]
+        sends = [
+            self._send(w, routed.get(w.id, []) + broadcast, received_at)
+            for w in self.workers
+            if w.alive
+        ]
         await asyncio.gather(*sends)
 
-    async def _send(self, worker: Worker, events: list[CallEvent]) -> None:
+    async def _send(self, worker: Worker, events: list[CallEvent], received_at: float) -> None:
         if not events:
             return
         try:
             response = await self._http.post(
                 f"{worker.url}/internal/events",
-                json={"events": [event_to_dict(e) for e in events]},
+                json={"events": [event_to_dict(e) for e in events], "received_at": received_at},
                 headers={"Authorization": f"Bearer {worker.token}"},
             )
             response.raise_for_status()

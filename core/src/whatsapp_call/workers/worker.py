@@ -15,7 +15,9 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
@@ -27,9 +29,58 @@ from ..config import Settings
 from ..models import event_from_dict
 
 READY_PREFIX = "WORKER-READY "
+PROBE_ENV = "WHATSAPP_CALL_WORKER_PROBE"  # a directory: lag and routing samples go there
+LAG_TICK = 0.010
+LAG_LOGGED_MS = 5.0  # ticks later than this are written, with their time
 
 
-def internal_routes(service: Any, token: str) -> list[Route]:
+class Probe:
+    """Measurements for benchmarks, off unless WHATSAPP_CALL_WORKER_PROBE names a directory:
+    JSON lines in `<dir>/<worker id>.jsonl`, times from time.monotonic() (comparable across
+    processes on one machine). `lag`: a 10 ms ticker's overshoot over LAG_LOGGED_MS;
+    `route`: from the front's pool receiving webhook events to this worker handing them to
+    their calls."""
+
+    def __init__(self, worker_id: str, directory: str | None):
+        self._file = None
+        self._task: asyncio.Task[None] | None = None
+        if directory:
+            path = Path(directory) / (worker_id.replace("/", "_") + ".jsonl")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", buffering=1)  # noqa: SIM115 - closed in stop()
+
+    @property
+    def on(self) -> bool:
+        return self._file is not None
+
+    def write(self, **item: Any) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(item) + "\n")
+
+    def start(self) -> None:
+        if self.on:
+            self._task = asyncio.create_task(self._ticker())
+
+    async def _ticker(self) -> None:
+        ticks = 0
+        while True:
+            t0 = time.monotonic()
+            await asyncio.sleep(LAG_TICK)
+            now = time.monotonic()
+            ticks += 1
+            lag_ms = (now - t0 - LAG_TICK) * 1e3
+            if lag_ms > LAG_LOGGED_MS:
+                self.write(kind="lag", t=round(now, 4), ms=round(lag_ms, 1), ticks=ticks)
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def internal_routes(service: Any, token: str, probe: Probe | None = None) -> list[Route]:
     from ..api.routes import _authorized
 
     async def events(request: Request) -> Response:
@@ -37,6 +88,14 @@ def internal_routes(service: Any, token: str) -> list[Route]:
             return JSONResponse({"error": {"message": "unauthorized"}}, status_code=401)
         body = json.loads(await request.body())
         await service.handle_events([event_from_dict(e) for e in body["events"]])
+        received_at = body.get("received_at")
+        if probe is not None and probe.on and received_at is not None:
+            probe.write(
+                kind="route",
+                t=round(time.monotonic(), 4),
+                ms=round((time.monotonic() - received_at) * 1e3, 2),
+                events=[e["type"] for e in body["events"]],
+            )
         return JSONResponse({"accepted": len(body["events"])})
 
     async def updates(request: Request) -> Response:
@@ -83,6 +142,7 @@ async def run_worker(settings: Settings, worker_id: str, token: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     server = None
+    probe = Probe(worker_id, os.environ.get(PROBE_ENV))
     try:
         _warm_up()
         await service.start()
@@ -91,14 +151,16 @@ async def run_worker(settings: Settings, worker_id: str, token: str) -> None:
             store,
             on_events=service.handle_events,
             metrics=metrics,
-            extra_routes=[*api_routes(service), *internal_routes(service, token)],
+            extra_routes=[*api_routes(service), *internal_routes(service, token, probe)],
         )
         server = AsgiServer(app, "127.0.0.1", 0)
         url = await server.start()
         print(READY_PREFIX + json.dumps({"worker": worker_id, "url": url}), flush=True)
+        probe.start()
         _stop_when_stdin_closes(stop)
         await stop.wait()
     finally:
+        probe.stop()
         await service.shutdown()
         if server is not None:
             await server.stop()
