@@ -13,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import socket
+import struct
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.jitter_bench import HOST, _is_rtp, _retarget, _Side
+from bench.jitter_bench import HOST, _is_rtp, _retarget
 
 AUDIO_LEVEL_URI = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
 VOICED_DBOV = 50  # a packet louder than -50 dBov carries voice (silence is 127)
@@ -27,6 +30,16 @@ QUIET_GAP = 0.200  # this long without voiced packets ends a stretch of speech
 def audio_level_id(sdp: str) -> int | None:
     match = re.search(rf"^a=extmap:(\d+)(?:/\w+)? {re.escape(AUDIO_LEVEL_URI)}", sdp, re.M)
     return int(match.group(1)) if match else None
+
+
+def host_only(sdp: str) -> str:
+    """`sdp` without its server-reflexive / relayed candidates. Ours gathers a srflx
+    candidate from the simulated STUN server that is its own loopback address and port: left
+    in, the caller's ICE pairs with it directly and the media bypasses the tap (then the tap
+    sees nothing of the call, and every wire figure of ours is empty or wrong)."""
+    return re.sub(
+        r"^a=candidate:\S+ \d+ udp \d+ \S+ \d+ typ (?!host)\w+.*\r?\n", "", sdp, flags=re.M
+    )
 
 
 def audio_level(data: bytes, ext_id: int | None) -> int | None:
@@ -48,6 +61,68 @@ def audio_level(data: bytes, ext_id: int | None) -> int | None:
             return data[pos + 1] & 0x7F
         pos += 1 + length
     return None
+
+
+SO_TIMESTAMPNS = 35  # Linux: the kernel's receive time of each datagram, in ancillary data
+_TIMESPEC = struct.Struct("@qq")
+
+
+class _KernelSide:
+    """One UDP socket of the tap that reads each datagram with the time the kernel received
+    it (SO_TIMESTAMPNS, mapped to time.monotonic()), so that a stall of the simulators' own
+    event loop (the tap runs in their process) is not mistaken for a gap on the wire. Quacks
+    like the (protocol, transport) pair of `create_datagram_endpoint` that it replaces."""
+
+    def __init__(self, on_datagram: Any) -> None:
+        self.on_datagram = on_datagram
+        self.kernel_times = sys.platform == "linux"
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.sock.bind((HOST, 0))
+        if self.kernel_times:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self.transport = self
+        self._closed = False
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        while True:
+            try:
+                data, ancdata, _, _ = self.sock.recvmsg(65536, 64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            at = time.monotonic()
+            for level, kind, raw in ancdata:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(raw) >= 16:
+                    sec, nsec = _TIMESPEC.unpack(raw[:16])
+                    # realtime -> monotonic: the offset is read now; it does not move in ms
+                    at = sec + nsec / 1e9 - (time.time() - time.monotonic())
+            self.on_datagram(data, at)
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self._closed:
+            return
+        try:
+            self.sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            pass  # a full socket buffer drops the datagram, as UDP would
+        except OSError:
+            pass
+
+    def get_extra_info(self, name: str) -> Any:
+        return self.sock.getsockname() if name == "sockname" else None
+
+    def is_closing(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._loop.remove_reader(self.sock.fileno())
+            self.sock.close()
 
 
 @dataclass
@@ -98,13 +173,8 @@ class WireTap:
         self._facing_caller: Any = None
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        _, self._facing_system = await loop.create_datagram_endpoint(
-            lambda: _Side(self._from_system), local_addr=(HOST, 0)
-        )
-        _, self._facing_caller = await loop.create_datagram_endpoint(
-            lambda: _Side(self._from_caller), local_addr=(HOST, 0)
-        )
+        self._facing_system = _KernelSide(self._from_system)
+        self._facing_caller = _KernelSide(self._from_caller)
 
     def _port(self, side: Any) -> int:
         return side.transport.get_extra_info("sockname")[1]
@@ -112,25 +182,25 @@ class WireTap:
     def for_caller(self, system_sdp: str) -> str:
         """The system's description as the caller must see it (media to the tap)."""
         self.to_caller.ext_id = audio_level_id(system_sdp)
-        sdp, port = _retarget(system_sdp, self._port(self._facing_caller))
+        sdp, port = _retarget(host_only(system_sdp), self._port(self._facing_caller))
         self.system_addr = (HOST, port)
         return sdp
 
     def for_system(self, caller_sdp: str) -> str:
         """The caller's description as the system must see it (media to the tap)."""
         self.to_system.ext_id = audio_level_id(caller_sdp)
-        sdp, port = _retarget(caller_sdp, self._port(self._facing_system))
+        sdp, port = _retarget(host_only(caller_sdp), self._port(self._facing_system))
         self.caller_addr = (HOST, port)
         return sdp
 
-    def _from_system(self, data: bytes) -> None:
+    def _from_system(self, data: bytes, at: float) -> None:
         if self.caller_addr is None:
             return
         if _is_rtp(data):
-            self.to_caller.note(time.monotonic(), data)
+            self.to_caller.note(at, data)  # when it reached the tap's socket
         self._facing_caller.transport.sendto(data, self.caller_addr)
 
-    def _from_caller(self, data: bytes) -> None:
+    def _from_caller(self, data: bytes, at: float) -> None:
         if self.system_addr is None:
             return
         if not _is_rtp(data):
@@ -190,10 +260,23 @@ def barge_ins(tap: WireTap, since: float, until: float) -> list[float]:
 
 
 def outbound_pacing(tap: WireTap, since: float, until: float) -> dict[str, Any]:
-    """System -> caller packet gaps over the window: late = a gap over 40 ms (2 frames)."""
-    gaps = tap.to_caller.gaps(since, until)
+    """System -> caller packet gaps over the window: late = a gap over 40 ms (2 frames).
+    `late_at_s` says where each late gap ended: seconds after the call's first outbound
+    packet and after the window's start (to tell start-up from steady-state gaps)."""
+    times = [t for t in tap.to_caller.times if since <= t <= until]
+    gaps = [(b - a) * 1e3 for a, b in zip(times, times[1:], strict=False)]
+    first = tap.to_caller.times[0] if tap.to_caller.times else None
+    late = [(g, times[i + 1]) for i, g in enumerate(gaps) if g > 40.0]
     return {
-        "packets": len(gaps) + 1 if gaps else 0,
-        "late_gaps": sum(1 for g in gaps if g > 40.0),
+        "packets": len(times),
+        "late_gaps": len(late),
         "max_gap_ms": round(max(gaps), 1) if gaps else None,
+        "late_at_s": [
+            {
+                "gap_ms": round(g, 1),
+                "after_first_packet_s": round(t - first, 2) if first is not None else None,
+                "after_window_start_s": round(t - since, 2),
+            }
+            for g, t in late[:20]
+        ],
     }
