@@ -137,6 +137,7 @@ async def test_packet_loss_from_the_user_is_concealed_and_the_call_completes(
             10,
             "the simulated user",
         )
+        await sim_call.user.wait_connected(10)  # its ICE sockets exist only from here on
         dropped = lossy(sim_call.user, rate=0.2)
         record = await runtime.service.wait(record.id, timeout=40)
         states = await states_of(runtime, record.id)
