@@ -83,6 +83,29 @@ def transition_event(
     return new_state, reason, event
 
 
+# The stored columns of a call, in the order every store selects them.
+CALL_COLUMNS = (
+    "id",
+    "to_e164",
+    "provider",
+    "state",
+    "provider_call_id",
+    "end_reason",
+    "end_detail",
+    "greeting",
+    "instructions",
+    "voice",
+    "language",
+    "metadata",
+    "metrics",
+    "idempotency_key",
+    "worker",
+    "created_at",
+    "updated_at",
+    "ended_at",
+)
+
+
 @dataclass
 class CallRecord:
     """One call as stored. `id` is ours ("call_…"); `provider_call_id` the provider's."""

@@ -27,6 +27,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import ConfigError
 from .base import (
+    CALL_COLUMNS as _CALL_COLUMNS,
+)
+from .base import (
     UPDATABLE_FIELDS,
     CallNotFoundError,
     CallRecord,
@@ -133,26 +136,6 @@ CREATE TABLE @.store_info (
 )
 """
 
-_CALL_COLUMNS = (
-    "id",
-    "to_e164",
-    "provider",
-    "state",
-    "provider_call_id",
-    "end_reason",
-    "end_detail",
-    "greeting",
-    "instructions",
-    "voice",
-    "language",
-    "metadata",
-    "metrics",
-    "idempotency_key",
-    "worker",
-    "created_at",
-    "updated_at",
-    "ended_at",
-)
 _COLS = ", ".join(_CALL_COLUMNS)
 _SELECT_CALL = f"SELECT {_COLS} FROM @.calls"
 

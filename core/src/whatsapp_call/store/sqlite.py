@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .base import (
+    CALL_COLUMNS as _CALL_COLUMNS,
+)
+from .base import (
     UPDATABLE_FIELDS,
     CallNotFoundError,
     CallRecord,
@@ -108,26 +111,6 @@ CREATE INDEX webhook_keys_received ON webhook_keys (received_at);
 # Schema migrations: MIGRATIONS[n] upgrades version n-1 to n. Version 1 is created whole.
 MIGRATIONS: dict[int, str] = {}
 
-_CALL_COLUMNS = (
-    "id",
-    "to_e164",
-    "provider",
-    "state",
-    "provider_call_id",
-    "end_reason",
-    "end_detail",
-    "greeting",
-    "instructions",
-    "voice",
-    "language",
-    "metadata",
-    "metrics",
-    "idempotency_key",
-    "worker",
-    "created_at",
-    "updated_at",
-    "ended_at",
-)
 _SELECT_CALL = f"SELECT {', '.join(_CALL_COLUMNS)} FROM calls"
 _JSON_FIELDS = frozenset({"metadata", "metrics"})
 
