@@ -14,10 +14,13 @@ import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtp import compute_audio_level_dbov
 from whatsapp_call.bridge import AudioBridge, PlayoutTrack
+from whatsapp_call.bridge.playout import audio_level_dbov
 from whatsapp_call.bridge.resample import FrameToPcm, PcmResampler
 from whatsapp_call.errors import MediaError
 from whatsapp_call.media.ice import host_addresses
+from whatsapp_call.media.sender import carry_audio_level
 from whatsapp_call.voice import VoiceEvent, VoiceEventType, VoiceSession
 
 # Pacing assertions need the CPU to themselves: `make test` runs these after the parallel part.
@@ -219,7 +222,7 @@ async def wait_for(predicate, timeout: float = 5.0, step: float = 0.01) -> None:
 
 
 async def test_playout_emits_paced_20ms_frames_and_silence_on_underrun():
-    track = PlayoutTrack()
+    track = PlayoutTrack(encoded=False)  # frames: the samples are inspected
     times, frames = [], []
     async with asyncio.timeout(5):
         for _ in range(11):
@@ -241,7 +244,7 @@ async def test_playout_emits_paced_20ms_frames_and_silence_on_underrun():
 
 
 async def test_playout_plays_written_audio_without_gaps():
-    track = PlayoutTrack()
+    track = PlayoutTrack(encoded=False)  # frames: the samples are inspected
     audio = tone(440, 300)
     for chunk in split_irregular(audio.tobytes()):
         track.write(chunk, "item_1")
@@ -264,7 +267,7 @@ async def test_playout_plays_written_audio_without_gaps():
 
 
 async def test_clear_empties_queue_at_once_and_reports_played_ms():
-    track = PlayoutTrack()
+    track = PlayoutTrack(encoded=False)  # frames: the samples are inspected
     track.write(tone(440, 1000).tobytes(), "item_a")
     async with asyncio.timeout(5):
         for _ in range(5):
@@ -343,6 +346,57 @@ async def test_reply_streamed_at_real_time_plays_without_gaps(encoded):
 def test_encoded_mode_rejects_rates_opus_cannot_take():
     with pytest.raises(MediaError, match="44100 Hz"):
         PlayoutTrack(encoded=True, sample_rate=44100)
+
+
+def test_track_encodes_by_default_when_opus_takes_the_rate():
+    assert PlayoutTrack().encoded and PlayoutTrack(sample_rate=16000).encoded
+    assert not PlayoutTrack(sample_rate=44100).encoded  # falls back to 48 kHz frames
+
+
+@pytest.mark.parametrize("amplitude", [0, 1, 30, 1000, 12000, 32767])
+def test_audio_level_matches_aiortcs_computation(amplitude):
+    rng = np.random.default_rng(amplitude)
+    samples = np.clip(rng.normal(0, amplitude, 480), -32768, 32767).astype(np.int16)
+    frame = av.AudioFrame(format="s16", layout="mono", samples=480)
+    frame.planes[0].update(samples)
+    assert audio_level_dbov(samples) == compute_audio_level_dbov(frame)
+
+
+async def test_encoded_packets_carry_the_rfc6464_audio_level_on_the_wire():
+    """Our sender puts the track's level on packets it did not encode itself: silence at
+    -127 dBov, a loud tone near full scale (the far peer parses the header extension)."""
+    playout = PlayoutTrack()
+    ours = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    far = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    carry_audio_level(ours.addTransceiver(playout, direction="sendrecv").sender)
+    got_track = asyncio.get_running_loop().create_future()
+    far.on("track", got_track.set_result)
+    levels: list[int] = []
+    try:
+        async with asyncio.timeout(10):
+            with host_addresses(["127.0.0.1"]):
+                await ours.setLocalDescription(await ours.createOffer())
+                await far.setRemoteDescription(ours.localDescription)
+                await far.setLocalDescription(await far.createAnswer())
+                await ours.setRemoteDescription(far.localDescription)
+            receiver = far.getTransceivers()[0].receiver
+            handle = receiver._handle_rtp_packet
+
+            async def tap(packet, arrival_time_ms):
+                if packet.extensions.audio_level is not None:
+                    levels.append(-packet.extensions.audio_level[1])
+                return await handle(packet, arrival_time_ms)
+
+            receiver._handle_rtp_packet = tap
+            await got_track
+            await wait_for(lambda: len(levels) >= 5)
+            playout.write((tone(440, 200) * 2).tobytes(), "item_a")
+            await wait_for(lambda: any(level > -20 for level in levels))
+    finally:
+        await ours.close()
+        await far.close()
+    assert levels[0] == -127
+    assert max(levels) > -20
 
 
 async def test_encoded_mode_emits_opus_packets_that_decode_to_the_tone():

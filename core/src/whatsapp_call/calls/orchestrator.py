@@ -554,7 +554,7 @@ class ActiveCall:
         # Connect to the voice backend before ringing anyone: a bad key must not ring a phone.
         await self.session.start()
         self._mark("voice_ready")
-        self.playout = PlayoutTrack()
+        self.playout = PlayoutTrack(sample_rate=getattr(self.session, "sample_rate", 24000))
         self.media = CallMedia(
             ice_servers=await self._ice_servers(),
             host_addresses=self.settings.ice_host_addresses,

@@ -39,6 +39,7 @@ from ..models import IceServer
 from . import ice
 from .jitter import ArrivalTap, LowLatencyAudioBuffer, install_receive_buffer
 from .sdp import validate_answer, whatsapp_offer
+from .sender import carry_audio_level
 
 log = logging.getLogger(__name__)
 _GATHER_GRACE = 2.0  # hard ceiling on setLocalDescription beyond gather_timeout
@@ -165,6 +166,7 @@ class CallMedia:
         self._pc = pc
         track = self._outbound_track or AudioStreamTrack()  # silence keeps WhatsApp's timer happy
         self._transceiver = pc.addTransceiver(track, direction="sendrecv")
+        carry_audio_level(self._transceiver.sender)  # for tracks that hand it Opus packets
         opus_only(self._transceiver)
         self._bound_gathering()
         self._install_receive_path()
