@@ -4,7 +4,7 @@ PYTHON ?= python3
 UV := .tools/bin/uv
 VENV := .venv/bin
 
-.PHONY: demo test test-services lint format env bench clean
+.PHONY: demo test test-services lint audit format env bench clean
 
 PROVIDER ?= meta
 
@@ -13,7 +13,7 @@ demo: env
 
 # Most tests wait on sockets, not the CPU: three workers in parallel, then the few that measure
 # real-time pacing on their own.
-test: env lint test-services
+test: env lint audit test-services
 	$(VENV)/pytest -n 3 --dist loadfile -m "not serial"
 	$(VENV)/pytest -m serial
 
@@ -23,6 +23,10 @@ test-services:
 lint: env
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
+
+# Known vulnerabilities in the locked dependencies (pip-audit against PyPI's advisories).
+audit: env
+	$(VENV)/python scripts/audit_deps.py
 
 format: env
 	$(VENV)/ruff format .

@@ -59,52 +59,17 @@ def run_suite() -> dict[str, Any]:
 
 
 def audit() -> dict[str, Any]:
-    uv = ROOT / ".tools" / "bin" / "uv"
-    requirements = RESULTS / "requirements-audit.txt"
-    exported = subprocess.run(
-        [
-            str(uv),
-            "export",
-            "--frozen",
-            "--all-packages",
-            "--no-emit-workspace",
-            "--no-hashes",
-            "-o",
-            str(requirements),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    if exported.returncode != 0:
-        return {"ok": False, "error": exported.stderr.strip()[-500:]}
+    """pip-audit of the locked dependencies, as CI runs it (scripts/audit_deps.py)."""
     result = subprocess.run(
-        [
-            str(uv),
-            "tool",
-            "run",
-            "pip-audit",
-            "--no-deps",
-            "--disable-pip",
-            "-r",
-            str(requirements),
-            "--format",
-            "json",
-        ],
+        [sys.executable, str(ROOT / "scripts" / "audit_deps.py"), "--json"],
         cwd=ROOT,
         capture_output=True,
         text=True,
     )
     try:
-        report = json.loads(result.stdout)
+        return json.loads(result.stdout)
     except ValueError:
         return {"ok": False, "error": (result.stderr or result.stdout).strip()[-500:]}
-    vulnerable = [
-        {"name": d["name"], "version": d["version"], "ids": [v["id"] for v in d["vulns"]]}
-        for d in report.get("dependencies", [])
-        if d.get("vulns")
-    ]
-    return {"ok": True, "packages": len(report.get("dependencies", [])), "vulnerable": vulnerable}
 
 
 def main() -> None:
