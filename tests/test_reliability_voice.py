@@ -77,8 +77,8 @@ async def _live_call(runtime, sims, scenario_seconds: float):
 async def test_voice_session_lost_mid_reply_is_survived(
     fault, providers, make_settings, tmp_path, reliability, caplog
 ):
-    """The reply is cut off 400 ms in; a new session takes over and the call completes.
-    (The call record does not show the reconnect: no voice event reports it; the log does.)"""
+    """The reply is cut off 400 ms in; a new session takes over, the call completes and its
+    record says why the voice session was replaced."""
     name = f"voice.{fault}_mid_reply"
     reliability.fault(name)
     async with running("meta", make_settings, tmp_path, Scenario(hangup_after_s=8)) as (
@@ -93,7 +93,11 @@ async def test_voice_session_lost_mid_reply_is_survived(
         states = await states_of(runtime, record.id)
         sessions = len(sims.realtime.sessions)
         heard = sim_calls_to(sims)[0].user.audible_ms()
+        events = await runtime.store.get_events(record.id)
     assert_consistent(record, states)
+    reconnects = [e.data["reason"] for e in events if e.type == "voice_reconnected"]
+    expected = "session expired" if fault == "session_expired" else "connection lost"
+    assert reconnects and all(expected in reason for reason in reconnects), reconnects
     assert record.end_reason == "completed", record.end_detail
     assert "opening a new session" in caplog.text
     assert sessions >= 2  # a second session took over

@@ -27,6 +27,7 @@ class VoiceEventType(enum.StrEnum):
     RESPONSE_DONE = "response_done"  # the backend finished producing a reply
     END_CALL = "end_call"  # the AI decided to hang up (`text` = reason)
     ERROR = "error"  # `text` = message; `fatal` ends the call
+    RECONNECTED = "reconnected"  # the backend lost its connection and resumed (`text` = why)
 
 
 @dataclass

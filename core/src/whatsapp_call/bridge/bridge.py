@@ -245,6 +245,8 @@ class AudioBridge:
                 self._playout.flush()
                 self._emit("end_call", {"reason": ev.text})
                 self._end_call = self._spawn(self._finish_goodbye(), "bridge-goodbye")
+        elif kind is VoiceEventType.RECONNECTED:
+            self._emit("voice_reconnected", {"reason": ev.text})
         elif kind is VoiceEventType.ERROR:
             self._emit("voice_error", {"message": ev.text, "fatal": ev.fatal})
             if ev.fatal:

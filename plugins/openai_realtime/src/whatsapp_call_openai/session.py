@@ -12,6 +12,7 @@ import base64
 import contextlib
 import json
 import logging
+import ssl
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
@@ -33,6 +34,7 @@ from whatsapp_call.voice import VoiceEvent, VoiceEventType, VoiceSession
 from .settings import OpenAISettings
 
 log = logging.getLogger("whatsapp_call_openai")
+_tls: ssl.SSLContext | None = None
 
 KEY_HINT = (
     "Check openaiApiKey: it must be a valid OpenAI API key (sk-...) of a project with "
@@ -201,6 +203,17 @@ def _event_error(error: dict[str, Any]) -> VoiceBackendError:
     return VoiceBackendError(f"OpenAI Realtime error: {message}", hint, fatal=True, code=code)
 
 
+async def _tls_context() -> ssl.SSLContext:
+    """One TLS context for every wss:// connection of this process, built in a thread. Left
+    to websockets, each connection builds its own (`ssl.create_default_context()` loads the CA
+    store: ~50 ms holding the event loop that carries the other calls' audio, at every call
+    set-up and reconnect). The same defaults: certificate and host name verified."""
+    global _tls
+    if _tls is None:
+        _tls = await asyncio.to_thread(ssl.create_default_context)
+    return _tls
+
+
 class RealtimeSession(VoiceSession):
     """See the module docstring. Create with `open_voice_session`, then `start()`."""
 
@@ -321,6 +334,7 @@ class RealtimeSession(VoiceSession):
     async def _open(self) -> ClientConnection:
         """Connect, wait for session.created, configure, wait for session.updated."""
         timeout = self.options.openai_connect_timeout_seconds
+        tls = {"ssl": await _tls_context()} if urlsplit(self.url).scheme == "wss" else {}
         try:
             ws = await connect(
                 self.url,
@@ -329,6 +343,7 @@ class RealtimeSession(VoiceSession):
                 compression=None,
                 open_timeout=timeout,
                 logger=_ws_log,
+                **tls,
             )
         except InvalidStatus as exc:
             raise _http_error(exc.response.status_code, exc.response.body or b"") from None
@@ -446,6 +461,7 @@ class RealtimeSession(VoiceSession):
                 self._ws = ws
                 self._expired = False
                 await self._restore(resume)
+                await self._emit(VoiceEvent(VoiceEventType.RECONNECTED, text=why))
         except Exception as exc:  # never die silently: the bridge must learn the session ended
             log.exception("call %s: OpenAI session reader failed", self.call.id)
             await self._emit(
