@@ -1,11 +1,15 @@
 """Sample-rate conversion between WebRTC (48 kHz) and a voice backend (PCM16 mono, 24 kHz).
 
-Both directions use libswresample through PyAV's `AudioResampler`: one C call per chunk does
-the down-mix, the format change and a windowed-sinc rate conversion, and it is streaming
-with a tiny delay (about 32 samples, under 1 ms). soxr was measured too: its streaming mode
-at HQ/MQ releases output in blocks of ~35 ms (every other 20 ms frame gets nothing), which
-adds up to a frame of latency per direction and strands the tail of a reply in the
-resampler; at LQ it still lags 10 ms. The swr path costs ~35 µs per 20 ms frame.
+Both directions use libswresample through PyAV's filter graphs: one C call per chunk does
+the down-mix, the format change and a windowed-sinc rate conversion, streaming, with a
+constant delay of 16 output samples (0.7 ms). Inbound it costs ~11 µs per 20 ms mono frame.
+
+soxr (1.1.0) was measured for the inbound direction too and is not used. Its streaming mode
+holds output back: at HQ/MQ/VHQ it releases ~35 ms blocks (every other 20 ms frame gets
+nothing; 21 ms behind on average, 39 ms at worst), at LQ 11 ms on average and 20 ms at
+worst, and with `vr=True` a steady 5 ms, where it also costs as much as libswresample
+(~38 µs). Only QQ keeps pace, and it has no anti-alias filter (a 15 kHz tone comes out as a
+full-level 9 kHz alias).
 """
 
 from __future__ import annotations
@@ -13,40 +17,90 @@ from __future__ import annotations
 import av
 import numpy as np
 
+#: what decoded WebRTC audio looks like: our receive buffer's frames, aiortc's decoder's
+DECODED_SETUPS = (("s16", "mono", 48000), ("s16", "stereo", 48000))
+
 
 class FrameToPcm:
-    """Inbound: decoded WebRTC frames (any format/layout/rate; aiortc's Opus decoder gives
-    s16 stereo 48 kHz) -> PCM16 mono little-endian bytes at `rate`."""
+    """Inbound: decoded WebRTC frames (any format/layout/rate; our receive buffer gives s16
+    mono 48 kHz, aiortc's own decoder s16 stereo) -> PCM16 mono little-endian bytes at `rate`.
 
-    def __init__(self, rate: int = 24000, expect: tuple[str, str, int] = ("s16", "stereo", 48000)):
+    A converter is bound to one input setup (format, layout, rate). Building one costs
+    0.2-5 ms, so one per `expect` setup is built before the call's first frame, not on it;
+    any other setup gets a fresh converter when its first frame comes.
+    """
+
+    def __init__(
+        self,
+        rate: int = 24000,
+        expect: tuple[str, str, int] | tuple[tuple[str, str, int], ...] = DECODED_SETUPS,
+    ):
         self.rate = rate
-        self._resampler: av.AudioResampler | None = None
-        self._setup: tuple[str, str, int] | None = None
-        self._prepare(expect)
-
-    def _prepare(self, setup: tuple[str, str, int]) -> None:
-        # PyAV's resampler is a filter graph bound to its first input's shape, and building
-        # it costs 0.5-20 ms: do it before the call's first frame, not on it.
-        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=self.rate)
-        self._setup = setup
-        fmt, layout, rate = setup
-        warm = av.AudioFrame(format=fmt, layout=layout, samples=rate // 100)
-        for plane in warm.planes:
-            plane.update(bytes(plane.buffer_size))
-        warm.sample_rate = rate
-        self._resampler.resample(warm)
+        setups = [expect] if isinstance(expect[0], str) else expect
+        self._spares = {setup: _Converter(setup, rate) for setup in setups}
+        self._setup = setups[0]
+        self._converter = self._spares.pop(self._setup)  # spares are used once: no stale history
 
     def convert(self, frame: av.AudioFrame) -> bytes:
         setup = (frame.format.name, frame.layout.name, frame.sample_rate)
-        if setup != self._setup:
-            self._prepare(setup)  # a peer that switches layout, or a new decoder
-        assert self._resampler is not None
-        out = self._resampler.resample(frame)
-        if len(out) == 1:
-            o = out[0]
+        if setup != self._setup:  # the first frame of a setup, or a peer that switches
+            self._setup = setup
+            self._converter = self._spares.pop(setup, None) or _Converter(setup, self.rate)
+        return self._converter.convert(frame)
+
+
+class _Converter:
+    """One input setup -> PCM16 mono bytes at `rate`: the filter graph `av.AudioResampler`
+    builds (abuffer -> aformat, libswresample auto-inserted), driven directly with one push
+    and one pull per frame. AudioResampler pulls until FFmpeg answers EAGAIN, and raising
+    that error costs as much as the conversion (~10 instead of ~20 µs per 20 ms frame).
+    libswresample returns each frame's output at once (it lags a constant ~16 samples), so
+    a second pull is made only if the output ever falls further behind than that."""
+
+    def __init__(self, setup: tuple[str, str, int], rate: int):
+        fmt, layout, in_rate = setup
+        graph = av.filter.Graph()
+        src = graph.add(
+            "abuffer",
+            sample_rate=str(in_rate),
+            sample_fmt=fmt,
+            channel_layout=layout,
+            time_base=f"1/{in_rate}",
+        )
+        to = graph.add("aformat", sample_rates=str(rate), sample_fmts="s16", channel_layouts="mono")
+        sink = graph.add("abuffersink")
+        src.link_to(to)
+        to.link_to(sink)
+        graph.configure()
+        self._graph = graph  # the filter contexts do not keep their graph alive
+        self._push, self._pull = src.push, sink.pull
+        self._ratio = (rate, in_rate)
+        self._slack = max(64, rate // 250)  # output samples the filter may hold back (~4 ms)
+        self._in_samples = self._out_samples = 0
+        warm = av.AudioFrame(format=fmt, layout=layout, samples=in_rate // 100)
+        for plane in warm.planes:
+            plane.update(bytes(plane.buffer_size))
+        warm.sample_rate = in_rate
+        self.convert(warm)  # the first conversion sets up libswresample
+
+    def convert(self, frame: av.AudioFrame) -> bytes:
+        self._push(frame)
+        self._in_samples += frame.samples
+        out_rate, in_rate = self._ratio
+        out = []
+        while True:
+            try:
+                o = self._pull()
+            except BlockingIOError:  # FFmpeg's EAGAIN: nothing (more) to take
+                break
+            self._out_samples += o.samples
             # planes are padded for alignment: only samples * 2 bytes are audio
-            return memoryview(o.planes[0])[: o.samples * 2].tobytes()
-        return b"".join(memoryview(o.planes[0])[: o.samples * 2] for o in out)
+            out.append(memoryview(o.planes[0])[: o.samples * 2])
+            if self._in_samples * out_rate // in_rate - self._out_samples <= self._slack:
+                break
+        if len(out) == 1:
+            return out[0].tobytes()
+        return b"".join(out)
 
 
 class PcmResampler:

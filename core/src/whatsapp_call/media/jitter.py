@@ -14,6 +14,10 @@ to fill (its reordering depth, learnt from the last 10 s; 20 ms until a first ga
 seen; at most 100 ms), then skips the missing packet and inserts a short
 concealment frame (the previous frame, attenuated) so the audio timeline stays whole.
 
+It decodes Opus itself, to mono: a voice backend hears one channel, libopus mixes a
+stereo-coded stream down to it ((L+R)/2) as it decodes, and the resampling to the
+backend's rate then has half the samples to read and no down-mix to do.
+
 It is installed per receiver (`install_receive_buffer`), replacing that one receiver's
 buffer object, so other aiortc peers in the same process keep aiortc's behaviour.
 """
@@ -32,8 +36,6 @@ from typing import Any
 
 import av
 import numpy as np
-from aiortc.codecs.opus import OpusDecoder
-from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtp import RtpPacket
 
 log = logging.getLogger(__name__)
@@ -116,7 +118,7 @@ class LowLatencyAudioBuffer:
         self._memory = memory
         self._max_conceal = max_conceal_frames
         self._clock = clock
-        self._decoder = OpusDecoder()
+        self._decoder = _opus_decoder()
         self._fill_delays: deque[tuple[float, float]] = deque(maxlen=64)  # (when, seconds)
         self._pending: dict[int, tuple[RtpPacket, int, float]] = {}
         self._skipped: dict[int, float] = {}  # seq -> when its gap was first seen
@@ -126,8 +128,7 @@ class LowLatencyAudioBuffer:
         self._last_seq: int | None = None
         self._origin_ts: int | None = None
         self._frame_samples = 960
-        self._last_pcm: np.ndarray | None = None
-        self._layout = "stereo"
+        self._last_frame: av.AudioFrame | None = None  # what concealment repeats
         self._conceal_run = 0
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
@@ -240,11 +241,12 @@ class LowLatencyAudioBuffer:
 
     def _conceal(self, ts: int) -> None:
         self._conceal_run += 1
-        if self._last_pcm is None or self._conceal_run > self._max_conceal:
+        last = self._last_frame
+        if last is None or self._conceal_run > self._max_conceal:
             return
         gain = 0.5**self._conceal_run if self._conceal_run <= 4 else 0.0
-        pcm = (self._last_pcm.astype(np.float32) * gain).astype(np.int16)
-        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout=self._layout)
+        pcm = (last.to_ndarray().astype(np.float32) * gain).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout=last.layout.name)
         self._stamp(frame, ts)
         self.stats.concealed += 1
         self._deliver(frame)
@@ -257,7 +259,7 @@ class LowLatencyAudioBuffer:
         self._last_ts, self._last_seq = ts, seq
         data = getattr(packet, "_data", packet.payload)
         try:
-            frames = self._decoder.decode(JitterFrame(data=data, timestamp=ts))
+            frames = self._decoder.decode(av.Packet(data))
         except av.FFmpegError as exc:
             log.warning("inbound Opus frame failed to decode: %s", exc)
             self.stats.lost += 1
@@ -265,8 +267,7 @@ class LowLatencyAudioBuffer:
         self._conceal_run = 0
         for frame in frames:
             self._stamp(frame, ts)
-            self._last_pcm = frame.to_ndarray()
-            self._layout = frame.layout.name
+            self._last_frame = frame  # copied only if a packet is lost (frames are not mutated)
             self.stats.frames += 1
             self.stats.delays_ms.append((self._clock() - arrival) * 1000)
             self._deliver(frame)
@@ -275,6 +276,16 @@ class LowLatencyAudioBuffer:
         frame.pts = ts - (self._origin_ts or 0)
         frame.time_base = TIME_BASE
         frame.sample_rate = SAMPLE_RATE
+
+
+def _opus_decoder() -> av.CodecContext:
+    """libopus (as aiortc's `OpusDecoder`), but mono: s16 at 48 kHz, the only rate FFmpeg's
+    libopus wrapper outputs."""
+    codec = av.CodecContext.create("libopus", "r")
+    codec.format = "s16"
+    codec.layout = "mono"
+    codec.sample_rate = SAMPLE_RATE
+    return codec
 
 
 class ArrivalTap:
