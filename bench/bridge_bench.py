@@ -16,9 +16,10 @@ Measured over a window after all calls are connected and warmed up:
 
     .venv/bin/python -m bench.bridge_bench [--calls 1 5 10] [--seconds 10] [--modes bare frames opus]
 
-Modes: "frames" = PlayoutTrack hands aiortc 48 kHz frames (aiortc encodes); "opus" =
-PlayoutTrack(encoded=True) hands it Opus packets; "bare" = no bridge at all (aiortc's own
-cost: a silence track out, inbound frames drained), the floor under both.
+Modes: "opus" = the production path (`CallMedia` with our receive buffer, `PlayoutTrack`
+encoding Opus itself, as calls run); "frames" = the same with PlayoutTrack(encoded=False)
+handing aiortc 48 kHz frames (aiortc encodes); "bare" = no bridge at all (a plain aiortc
+peer: a silence track out, inbound frames decoded by aiortc and drained), the floor.
 
 Writes bench/results/bridge_bench-<time>.json.
 """
@@ -45,6 +46,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from whatsapp_call.bridge import AudioBridge, PlayoutTrack
 from whatsapp_call.media.ice import host_addresses
+from whatsapp_call.media.peer import CallMedia
 from whatsapp_call.voice import VoiceEvent, VoiceEventType, VoiceSession
 
 ECHO_DELAY = 0.400  # longer than a beep, so each echo is a distinct turn
@@ -272,20 +274,28 @@ async def run_once(n: int, seconds: float, mode: str, warmup: float = 2.0) -> di
     proc = mp.get_context("spawn").Process(target=_far_process, args=(child,), daemon=True)
     proc.start()
     calls = []
+    medias: list[CallMedia] = []
     try:
         for i in range(n):
-            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-            playout = PlayoutTrack(encoded=(mode == "opus"))
-            pc.addTrack(playout if mode != "bare" else SilenceTrack())
-            remote = asyncio.get_running_loop().create_future()
-            pc.on("track", remote.set_result)
-            with host_addresses(LOOPBACK):
-                await pc.setLocalDescription(await pc.createOffer())
-            _, _, answer = await _ask(parent, ("offer", i, pc.localDescription.sdp))
-            await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
-            media = await remote
             if mode == "bare":  # aiortc alone: the floor under any bridge
-                media = _Drain(media)
+                pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+                playout = PlayoutTrack(encoded=False)  # only read for its (zero) counters
+                pc.addTrack(SilenceTrack())
+                remote = asyncio.get_running_loop().create_future()
+                pc.on("track", remote.set_result)
+                with host_addresses(LOOPBACK):
+                    await pc.setLocalDescription(await pc.createOffer())
+                _, _, answer = await _ask(parent, ("offer", i, pc.localDescription.sdp))
+                await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+                media = _Drain(await remote)
+            else:  # the production path: CallMedia (our receive buffer) + PlayoutTrack
+                playout = PlayoutTrack(encoded=(mode == "opus"))
+                media = CallMedia(host_addresses=LOOPBACK, outbound_track=playout)
+                offer = await media.create_offer()
+                _, _, answer = await _ask(parent, ("offer", i, offer))
+                await media.accept_answer(answer)
+                pc = media.pc
+                medias.append(media)
             bridge = AudioBridge(media, playout, EchoSession())
             calls.append((pc, playout, bridge, asyncio.create_task(bridge.run())))
         async with asyncio.timeout(20):
@@ -307,6 +317,8 @@ async def run_once(n: int, seconds: float, mode: str, warmup: float = 2.0) -> di
             await bridge.stop()
             await task
             await pc.close()
+        for media in medias:
+            await media.close()
         proc.join(timeout=10)
         if proc.is_alive():
             proc.kill()
