@@ -52,6 +52,7 @@ from ..phone import PhoneNumber, parse_phone
 from ..redact import scrub
 from ..store.base import CallRecord, CallState, CallStore, EndReason, utcnow
 from .live import LiveUpdates
+from .warmup import prepare_process
 
 log = logging.getLogger("whatsapp_call.calls")
 
@@ -129,8 +130,10 @@ class CallService:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> list[CallRecord]:
-        """Reconcile calls a previous run left unfinished: terminate them at the provider and
-        mark them `failed` ("restarted"). Returns the reconciled records."""
+        """Prepare this process for calls (once: `warmup.prepare_process`), then reconcile
+        calls a previous run left unfinished: terminate them at the provider and mark them
+        `failed` ("restarted"). Returns the reconciled records."""
+        prepare_process()
         reconciled = []
         for record in await self.store.non_final_calls():
             if record.id in self._active:

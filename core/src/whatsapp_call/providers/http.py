@@ -17,6 +17,7 @@ import asyncio
 import email.utils
 import json
 import logging
+import ssl
 import time
 import weakref
 from collections import deque
@@ -37,6 +38,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 USER_AGENT = f"whatsapp-call/{__version__}"
+_tls: ssl.SSLContext | None = None
+
+
+def tls_context() -> ssl.SSLContext:
+    """One TLS context with httpx's defaults (certifi's CA bundle, or SSL_CERT_FILE /
+    SSL_CERT_DIR) for every HTTP client of this process. httpx builds one per client (~50 ms
+    holding the event loop); `calls.warmup.prepare_process` builds this one before any call."""
+    global _tls
+    if _tls is None:
+        _tls = httpx.create_ssl_context()
+    return _tls
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,7 @@ class ClientPool:
         if entry is not None and not entry[0].is_closed:
             return entry[0]
         client = httpx.AsyncClient(
+            verify=tls_context(),
             timeout=httpx.Timeout(10.0),
             limits=httpx.Limits(max_connections=50, max_keepalive_connections=10),
             headers={"User-Agent": USER_AGENT},

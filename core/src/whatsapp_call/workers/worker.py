@@ -144,8 +144,7 @@ async def run_worker(settings: Settings, worker_id: str, token: str) -> None:
     server = None
     probe = Probe(worker_id, os.environ.get(PROBE_ENV))
     try:
-        _warm_up()
-        await service.start()
+        await service.start()  # warms up the media stack and freezes the start-up heap
         app = create_app(
             settings,
             store,
@@ -180,12 +179,3 @@ def _stop_when_stdin_closes(stop: asyncio.Event) -> None:
             loop.call_soon_threadsafe(stop.set)
 
     threading.Thread(target=watch, name="front-watch", daemon=True).start()
-
-
-def _warm_up() -> None:
-    """Import and initialise the media stack before taking calls, so a worker's first call
-    does not stall its event loop (tens of ms of imports and codec set-up) mid-audio."""
-    from ..bridge import AudioBridge, PlayoutTrack  # noqa: F401
-    from ..media.peer import CallMedia  # noqa: F401
-
-    PlayoutTrack().stop()

@@ -31,6 +31,7 @@ from pydantic.alias_generators import to_camel
 from whatsapp_call import __version__, hookimpl
 from whatsapp_call.errors import WhatsAppCallError
 from whatsapp_call.models import CheckStatus, DoctorCheck, IceServer
+from whatsapp_call.providers.http import tls_context
 from whatsapp_call.redact import scrub
 
 log = logging.getLogger("whatsapp_call_twilio")
@@ -101,6 +102,7 @@ def _get_client() -> httpx.AsyncClient:
     loop = asyncio.get_running_loop()
     if _client is None or _client_loop is not loop or _client.is_closed:
         _client = httpx.AsyncClient(
+            verify=tls_context(),
             timeout=TIMEOUT,
             headers={
                 "Accept": "application/json",
