@@ -140,3 +140,71 @@ async def test_the_probe_times_event_routing_from_front_to_worker(tmp_path):
     routes = [json.loads(line) for line in lines if '"route"' in line]
     assert {"answer", "terminated"} <= {t for r in routes for t in r["events"]}, routes
     assert all(0 <= r["ms"] < 5000 for r in routes), routes
+
+
+def scrape(text: str) -> dict[tuple[str, tuple], float]:
+    """/metrics text as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_front_metrics_total_the_workers_media_counters(tmp_path, workers):
+    """The front's /metrics reports the workers' media counters summed, under the names one
+    process uses (`--workers 1`), and how many calls each worker carries."""
+    from whatsapp_call.server.metrics import MEDIA_COUNTERS
+
+    async with cluster(tmp_path, workers=workers) as (_, client, _):
+        ids = []
+        for to in ("+14155550123", "+14155550124"):
+            ids.append((await client.post("/v1/calls", json={"to": to, "greeting": "Hi"})).json())
+        calls = [await wait_state(client, c["id"], {"in_progress"}) for c in ids]
+        await asyncio.sleep(1.5)  # a second of media each way
+        during = scrape((await client.get("/metrics")).text)
+        for c in calls:
+            await client.post(f"/v1/calls/{c['id']}/hangup")
+        for c in calls:
+            await wait_state(client, c["id"], {"ended"})
+        after = scrape((await client.get("/metrics")).text)
+    for name in MEDIA_COUNTERS:
+        assert (f"whatsapp_call_{name}_total", ()) in during, name
+        # ended calls stay counted: totals never go down
+        assert (
+            after[(f"whatsapp_call_{name}_total", ())]
+            >= during[(f"whatsapp_call_{name}_total", ())]
+        )
+    assert during[("whatsapp_call_media_calls", ())] == 2
+    assert after[("whatsapp_call_media_calls", ())] == 0
+    assert during[("whatsapp_call_playout_frames_total", ())] >= 2 * 50  # 2 calls, >= 1 s each
+    assert during[("whatsapp_call_inbound_frames_total", ())] >= 2 * 25
+    if workers == 2:
+        per_worker = {
+            dict(labels)["worker"]: value
+            for (name, labels), value in during.items()
+            if name == "whatsapp_call_worker_calls"
+        }
+        assert per_worker == {"w1": 1, "w2": 1}, per_worker
+        assert during[("whatsapp_call_worker_up", (("worker", "w1"),))] == 1
+    else:
+        assert not any(name.startswith("whatsapp_call_worker_") for name, _ in during)
+
+
+def test_a_restarted_workers_counts_are_carried_forward():
+    """A worker that restarts counts from zero; the front's totals must not go down."""
+    from whatsapp_call.server.metrics import Metrics
+
+    metrics = Metrics()
+    worker = metrics.worker("w1")
+    worker.update(0, {"playout_late_frames": 5, "playout_frames": 1000}, calls=3, media_calls=3)
+    assert metrics.media_totals()["playout_late_frames"] == 5
+    assert metrics.media_calls == 3
+    worker.update(0, None)  # not answering: its counts stay, its calls are not reported
+    assert metrics.media_totals()["playout_late_frames"] == 5 and metrics.media_calls == 0
+    worker.update(1, {"playout_late_frames": 1, "playout_frames": 50}, calls=1, media_calls=1)
+    totals = metrics.media_totals()
+    assert totals["playout_late_frames"] == 6 and totals["playout_frames"] == 1050

@@ -13,7 +13,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -53,12 +53,14 @@ async def commands() -> Any:
 
 class Child:
     """A benchmark child process: `ask()` sends a command and waits for its reply (matched
-    by `cmd`+`id`); the child's stderr goes to a log file under bench/results/logs."""
+    by `cmd`+`id`); the child's stderr goes to a log file under bench/results/logs.
+    Messages the child sends unasked go to `on_push[cmd]` when there is one."""
 
     def __init__(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None):
         self.name = name
         self.argv = list(argv)
         self.env = env
+        self.on_push: dict[str, Callable[[dict[str, Any]], None]] = {}
         self.proc: asyncio.subprocess.Process | None = None
         self._waiters: dict[tuple[str, Any], asyncio.Future[dict[str, Any]]] = {}
         self._inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -99,6 +101,8 @@ class Child:
             waiter = self._waiters.pop(key, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(msg)
+            elif msg.get("cmd") in self.on_push:
+                self.on_push[msg["cmd"]](msg)
             else:
                 self._inbox.put_nowait(msg)
         for waiter in self._waiters.values():

@@ -106,10 +106,16 @@ async def _run_system(
     jitter_ms: float = 0.0,
     turn: bool = False,
     workers: int = 1,
+    via_serve: bool = False,
+    user_procs: int = 0,
+    light_users: bool = False,
     tap: bool = True,
     connect_timeout: float = 90.0,
     on_window: Any = None,
 ) -> dict[str, Any]:
+    """`via_serve`: run ours as `whatsapp-call serve --workers N` even for N=1 (N > 1 always
+    is). `user_procs`: run the simulated callers in that many processes of their own (0: in
+    the simulators' process); `light_users`: light callers (pre-encoded Opus, no decoding)."""
     if system not in SYSTEMS:
         raise BenchError(f"unknown system {system!r}; use one of {', '.join(SYSTEMS)}")
     tmp = tempfile.TemporaryDirectory(prefix="whatsapp-call-bench-")
@@ -120,7 +126,10 @@ async def _run_system(
         "jitter_ms": jitter_ms,
         "turn": turn,
         "tap": tap,
+        "user_procs": user_procs,
+        "light": light_users,
     }
+    serve = system == "ours" and (workers > 1 or via_serve)
     sims = Child("sims", [PY, "-m", "bench.harness.sims", json.dumps(options)])
     peer: Child | None = None
     result: dict[str, Any] = {
@@ -130,6 +139,9 @@ async def _run_system(
         "loss": loss,
         "jitter_ms": jitter_ms,
         "workers": workers if system == "ours" else None,
+        "via_serve": serve,
+        "user_procs": user_procs,
+        "light_users": light_users,
         "loadavg_start": loadavg(),
     }
     call_ids: list[str] = []
@@ -142,7 +154,7 @@ async def _run_system(
                 "WHATSAPP_CALL_MAX_CONCURRENT_CALLS": "10000",
                 "WHATSAPP_CALL_LOG_LEVEL": "warning",
             }
-            if workers > 1:
+            if serve:
                 if not serve_has_workers():
                     raise BenchError(
                         "`whatsapp-call serve` has no --workers option yet; measure --workers 1."
@@ -202,10 +214,11 @@ async def _run_system(
         result["connect_all_s"] = round(time.monotonic() - t_place, 2)
         await asyncio.sleep(warmup)
 
-        inside = system == "ours" and workers == 1
+        inside = system == "ours" and not serve
         before = (await peer.ask("snapshot"))["calls"] if inside else {}
         if inside:
             await peer.ask("mark")
+        counters_before = await read_service_metrics(url) if system == "ours" else {}
         await sims.ask("mark")
         window = CpuWindow(peer.pid)
         window.start()
@@ -213,6 +226,7 @@ async def _run_system(
             await on_window(peer.pid)
         await asyncio.sleep(seconds)
         cores = window.stop()
+        counters_after = await read_service_metrics(url) if system == "ours" else {}
         rss = rss_bytes(peer.pid)
         after = (await peer.ask("snapshot"))["calls"] if inside else {}
         lag = (await peer.ask("lag"))["lag_ms"] if inside else None
@@ -225,12 +239,16 @@ async def _run_system(
             rss_mb=round(rss / MB, 1),
             mem_per_call_mb=round((rss - rss_idle) / MB / calls, 2),
             sims_cpu_cores=wire["sims_cpu_cores"],
+            callers_cpu_cores=wire.get("callers_cpu_cores"),
             loadavg_end=loadavg(),
         )
         result.update(_wire_figures(wire, ready["first_delta_delay"]))
         if inside:
             result.update(_inside_figures(before, after, lag))
         result["ok"], result["fails"] = judge(result, calls, seconds, inside)
+        if system == "ours":
+            result["service"] = _service_figures(counters_before, counters_after)
+            result["service_ok"], result["service_fails"] = judge_service(result, calls, seconds)
         result["window_after_connect_s"] = warmup
         if system == "ours":
             result.update(await _records(url, token, call_ids))
@@ -279,6 +297,76 @@ def judge(
             f"{result['late_frames']} late frames, {result['inbound_gaps']} inbound gaps"
         )
     return not fails, fails
+
+
+# The rule for ours alone (`--workers 1` vs `--workers 2`, issue 10: "calls with no late
+# frames"): from our service's own /metrics (the front's, which totals its workers'), over the
+# same window. Every call alive (on the wire and with media in the service), late outbound
+# frames at most TOLERANCE of the frames sent and inbound gaps (packets given up on, frames
+# not read) at most TOLERANCE of the frames received: the same 0.1%, rounded down, as the wire
+# rule. A stall of the simulated callers shows on the wire, not in these counters.
+def judge_service(result: dict[str, Any], calls: int, seconds: float) -> tuple[bool, list[str]]:
+    svc = result["service"]
+    fails = []
+    if result["calls_alive"] != calls:
+        fails.append(f"{calls - result['calls_alive']} calls ended")
+    if svc.get("media_calls") != calls:
+        fails.append(f"the service has media for {svc.get('media_calls')} of {calls} calls")
+    if svc["playout_frames"] + svc["dropped_frames"] < MIN_COVERAGE * 50 * seconds * calls:
+        # the counters do not cover every call (frames skipped to catch up are counted apart)
+        fails.append(f"the service's counters saw only {svc['playout_frames']} frames sent")
+    late_allowed = int(TOLERANCE * svc["playout_frames"])
+    gaps_allowed = int(TOLERANCE * svc["inbound_frames"])
+    svc["late_allowed"], svc["gaps_allowed"] = late_allowed, gaps_allowed
+    if svc["late_frames"] > late_allowed:
+        fails.append(f"{svc['late_frames']} late frames (allowed {late_allowed})")
+    if svc["inbound_gaps"] > gaps_allowed:
+        fails.append(f"{svc['inbound_gaps']} inbound gaps (allowed {gaps_allowed})")
+    return not fails, fails
+
+
+async def read_service_metrics(url: str) -> dict[str, Any]:
+    """Our service's /metrics: the media counters (`whatsapp_call_<name>_total`, without
+    prefix and suffix), `media_calls`, and `worker_calls` {worker: calls not ended}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"{url}/metrics", timeout=10)
+    response.raise_for_status()
+    out: dict[str, Any] = {"worker_calls": {}}
+    for family in text_string_to_metric_families(response.text):
+        name = family.name.removeprefix("whatsapp_call_")
+        if family.type == "counter" and name.startswith(("playout_", "inbound_")):
+            out[name] = sum(s.value for s in family.samples if s.name.endswith("_total"))
+        elif name == "media_calls":
+            out["media_calls"] = int(sum(s.value for s in family.samples))
+        elif name == "worker_calls":
+            out["worker_calls"] = {s.labels["worker"]: int(s.value) for s in family.samples}
+    return out
+
+
+def _service_figures(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The window's deltas of the service's media counters, and its calls at the end."""
+    names = [k for k, v in after.items() if isinstance(v, float)]
+    d = {k: int(after[k] - before.get(k, 0)) for k in names}
+    if "playout_frames" not in d:
+        raise BenchError(
+            "the service's /metrics has no whatsapp_call_playout_frames_total; "
+            "is this a version without media counters?"
+        )
+    return {
+        "playout_frames": d["playout_frames"],
+        "late_frames": d.get("playout_late_frames", 0),
+        "dropped_frames": d.get("playout_dropped_frames", 0),
+        "underruns": d.get("playout_underruns", 0),
+        "inbound_frames": d.get("inbound_frames", 0),
+        "inbound_lost": d.get("inbound_lost_frames", 0),
+        "inbound_concealed": d.get("inbound_concealed_frames", 0),
+        "inbound_unread": d.get("inbound_unread_frames", 0),
+        "inbound_gaps": d.get("inbound_lost_frames", 0) + d.get("inbound_unread_frames", 0),
+        "media_calls": after.get("media_calls"),
+        "worker_calls": after.get("worker_calls") or None,
+    }
 
 
 def _wire_figures(wire: dict[str, Any], first_delta_delay: float) -> dict[str, Any]:

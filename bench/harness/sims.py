@@ -6,12 +6,19 @@ and Twilio, so that their CPU is not counted as the system's. Driven in JSON lin
 Commands: user_answer / user_offer / user_accept (callers for the baseline and pipecat,
 which are not reached through WhatsApp), connected, mark (start of the measured window),
 stats (what the wire and the simulators saw since mark). EOF on stdin stops everything.
+
+With `"user_procs": K` (K > 0) the simulated users run in K processes of their own
+(`callers.py`, children of this one; `RemoteUser` stands in for them here), each caller in
+the least-loaded one; `"light": true` makes them light (`SimulatedUser(light_media=True)`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -23,9 +30,8 @@ from whatsapp_call_sim.openai_realtime import server as rt_server
 from whatsapp_call_sim.runner import SimulatorSet
 from whatsapp_call_sim.whatsapp import Scenario
 
-from . import wire
-from .common import CpuWindow, commands, emit
-from .users import SCRIPTS, OfferingUser, TappedUser, long_responder
+from .common import BenchError, Child, CpuWindow, commands, emit
+from .users import SCRIPTS, OfferingUser, TappedUser, call_stats, long_responder
 
 TIMED_EVENTS = (
     "input_audio_buffer.speech_started",
@@ -59,42 +65,75 @@ def _session_info(session: Any) -> dict[str, Any]:
     return {"turn_detection": turn.get("type"), "silence_ms": turn.get("silence_duration_ms")}
 
 
-def _call_stats(user: TappedUser, since: float, until: float, marks: list) -> dict[str, Any]:
-    out: dict[str, Any] = {"id": user.wa_id, "end_reason": user.end_reason}
-    tap = user.tap
-    if tap is None:
-        return out
-    deltas = [t for t, k in marks if k == "response.output_audio.delta"]
-    starts = [t for t, k in marks if k == "input_audio_buffer.speech_started"]
-    turns = []
-    for t in wire.turn_latencies(tap, since, until):
-        first = max((d for d in deltas if d <= t["reply_start"]), default=None)
-        outbound = (t["reply_start"] - first) * 1e3 if first and first > t["caller_end"] else None
-        turns.append({"wire_ms": round(t["ms"], 1), "outbound_ms": outbound and round(outbound, 1)})
-    barges = []
-    for b_ms, start in zip(
-        wire.barge_ins(tap, since, until), _barge_starts(tap, since, until), strict=True
-    ):
-        heard = min((s for s in starts if s >= start), default=None)
-        vad = (heard - start) * 1e3 if heard is not None and heard - start < 1.0 else None
-        barges.append({"wire_ms": round(b_ms, 1), "vad_ms": vad and round(vad, 1)})
-    out.update(
-        turns=turns,
-        barge_ins=barges,
-        pacing=wire.outbound_pacing(tap, since, until),
-        relay_dropped=tap.dropped,
-        audible_ms=round(user.audible_ms()),
-    )
-    return out
+class RemoteUser:
+    """What the WhatsApp simulator sees of a caller running in a `callers.py` process: the
+    `SimulatedUser` interface it uses (answer, wait_connected, hangup, close, ended,
+    end_reason), forwarded. The caller plays the script its process was started with."""
+
+    procs: list[Child] = []
+    live: dict[str, RemoteUser] = {}
+    _serial = itertools.count(1)
+
+    def __init__(self, wa_id: str, script: Any = None, host_addresses: Any = ("127.0.0.1",)):
+        self.wa_id = wa_id
+        self.key = f"{wa_id}/{next(self._serial)}"
+        self.host_addresses = list(host_addresses)
+        load = Counter(u.proc.name for u in self.live.values() if not u.ended.is_set())
+        self.proc = min(self.procs, key=lambda c: load[c.name])
+        self.ended = asyncio.Event()
+        self.end_reason: str | None = None
+        self.live[self.key] = self
+
+    @classmethod
+    def on_ended(cls, msg: dict[str, Any]) -> None:
+        user = cls.live.get(msg["id"])
+        if user is not None:
+            user._end(msg.get("end_reason"))
+
+    def _end(self, reason: str | None) -> None:
+        if not self.ended.is_set():
+            self.end_reason = reason
+            self.ended.set()
+
+    async def answer(self, offer_sdp: str) -> str:
+        try:
+            reply = await self.proc.ask(
+                "answer",
+                id=self.key,
+                wa_id=self.wa_id,
+                sdp=offer_sdp,
+                host_addresses=self.host_addresses,
+            )
+        except BenchError as exc:
+            if "SdpRejected" in str(exc):
+                raise ValueError(str(exc)) from None  # what the simulator expects
+            raise
+        return reply["sdp"]
+
+    async def wait_connected(self, timeout: float) -> None:
+        try:
+            await self.proc.ask("wait_connected", id=self.key, seconds=timeout, timeout=timeout + 5)
+        except BenchError as exc:
+            raise RuntimeError(str(exc)) from None
+
+    async def hangup(self) -> None:
+        with contextlib.suppress(BenchError):
+            await self.proc.ask("hangup", id=self.key)
+        self._end("hangup")
+
+    async def close(self) -> None:
+        with contextlib.suppress(BenchError):
+            await self.proc.ask("close", id=self.key)
+        self._end("closed")
 
 
-def _barge_starts(tap: wire.WireTap, since: float, until: float) -> list[float]:
-    system = tap.to_caller.spurts(since)
-    return [
-        start
-        for start, _ in tap.to_system.spurts(since)
-        if start <= until and any(s[0] < start <= s[1] for s in system)
-    ]
+async def _start_callers(count: int, options: dict[str, Any]) -> list[Child]:
+    argv = [sys.executable, "-m", "bench.harness.callers", json.dumps(options)]
+    procs = [Child(f"callers{i + 1}", argv) for i in range(count)]
+    for proc in procs:
+        proc.on_push["ended"] = RemoteUser.on_ended
+    await asyncio.gather(*(p.start() for p in procs))
+    return procs
 
 
 async def main(options: dict[str, Any]) -> None:
@@ -104,7 +143,10 @@ async def main(options: dict[str, Any]) -> None:
     TappedUser.tap_enabled = options.get("tap", True)
     TappedUser.tap_loss = options.get("loss", 0.0)
     TappedUser.tap_jitter_ms = options.get("jitter_ms", 0.0)
-    sim_user.SimulatedUser = TappedUser  # the WhatsApp simulator builds its callees from it
+    TappedUser.light = options.get("light", False)
+    procs = RemoteUser.procs = await _start_callers(options.get("user_procs", 0), options)
+    # the WhatsApp simulator builds its callees from this
+    sim_user.SimulatedUser = RemoteUser if procs else TappedUser
     sims = SimulatorSet(
         options.get("provider", "meta"),
         state_dir=options.get("state_dir"),
@@ -121,7 +163,7 @@ async def main(options: dict[str, Any]) -> None:
     sims.realtime.first_delta_delay = options.get("first_delta_delay", 0.25)
     if options.get("script") == "barge":
         sims.realtime._responder = long_responder
-    cpu = CpuWindow(__import__("os").getpid())
+    cpu = CpuWindow(os.getpid())  # this process and its callers' processes
     direct: dict[Any, TappedUser] = {}
     since = time.monotonic()
     emit(
@@ -141,7 +183,11 @@ async def main(options: dict[str, Any]) -> None:
             cmd, ident = msg["cmd"], msg.get("id")
             reply: dict[str, Any] = {"cmd": cmd, "id": ident}
             try:
-                if cmd == "user_answer":
+                if cmd in ("user_answer", "user_offer", "user_accept") and procs:
+                    fields = {k: v for k, v in msg.items() if k not in ("cmd", "id")}
+                    answer = await procs[ident % len(procs)].ask(cmd, id=ident, **fields)
+                    reply.update((k, v) for k, v in answer.items() if k not in ("cmd", "id"))
+                elif cmd == "user_answer":
                     user = direct[ident] = TappedUser(f"bench{ident}")
                     # the simulated WhatsApp user refuses a plain aiortc offer (several
                     # fingerprints, several codecs): signalling-only rewrite, no media cost
@@ -153,21 +199,30 @@ async def main(options: dict[str, Any]) -> None:
                     await direct[ident].accept(msg["sdp"])
                 elif cmd == "connected":
                     users = TappedUser.registry
-                    reply["count"] = sum(1 for u in users if u.connected and not u.ended.is_set())
-                    reply["ended"] = dict(Counter(u.end_reason for u in users if u.ended.is_set()))
+                    count = sum(1 for u in users if u.connected and not u.ended.is_set())
+                    ended = Counter(u.end_reason for u in users if u.ended.is_set())
+                    for state in await asyncio.gather(*(p.ask("connected") for p in procs)):
+                        count += state["count"]
+                        ended.update(state["ended"])
+                    reply["count"], reply["ended"] = count, dict(ended)
                 elif cmd == "mark":
                     since = time.monotonic()
                     cpu.start()
+                    await asyncio.gather(*(p.ask("mark") for p in procs))
                 elif cmd == "stats":
                     until = time.monotonic()
                     marks = [
                         m for s in sims.realtime.sessions for m in s.__dict__.get("bench_marks", [])
                     ]
                     marks.sort()
+                    remote = await asyncio.gather(
+                        *(p.ask("stats", marks=marks, timeout=60) for p in procs)
+                    )
                     reply["sims_cpu_cores"] = round(cpu.stop(), 3)
+                    reply["callers_cpu_cores"] = [r["cpu_cores"] for r in remote]
                     reply["calls"] = [
-                        _call_stats(u, since, until, marks) for u in TappedUser.registry
-                    ]
+                        call_stats(u, since, until, marks) for u in TappedUser.registry
+                    ] + [c for r in remote for c in r["calls"]]
                     reply["sessions"] = [_session_info(s) for s in sims.realtime.sessions]
                     reply["twilio"] = {"relay": bool(sims.twilio.relay_available)}
                 else:
@@ -179,6 +234,7 @@ async def main(options: dict[str, Any]) -> None:
         for user in direct.values():
             await user.close()
         await sims.stop()
+        await asyncio.gather(*(p.stop() for p in procs))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from whatsapp_call.media.peer import opus_only
 from whatsapp_call_sim.openai_realtime.server import Reply, ResponseRequest, default_responder
 from whatsapp_call_sim.user import Pause, Say, SimulatedUser, UserScript, WaitForSpeech
 
+from . import wire
 from .wire import WireTap
 
 LONG_REPLY = (
@@ -60,10 +61,12 @@ class TappedUser(SimulatedUser):
     tap_loss = 0.0
     tap_jitter_ms = 0.0
     tap_enabled = True
+    light = False  # SimulatedUser(light_media=True): pre-encoded Opus out, levels only in
     default_script: UserScript | None = None
     registry: list[TappedUser] = []
 
     def __init__(self, wa_id: str, script: UserScript | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("light_media", self.light)
         super().__init__(wa_id, script or self.default_script, **kwargs)
         self.tap: WireTap | None = None
         self.registry.append(self)
@@ -113,6 +116,8 @@ class OfferingUser(TappedUser):
 
         transceiver = pc.addTransceiver(self.player, direction="sendrecv")
         opus_only(transceiver)
+        if self.light_media:
+            self._use_light_media(transceiver)
         dtls = transceiver.sender.transport
 
         @dtls.on("statechange")
@@ -136,3 +141,47 @@ class OfferingUser(TappedUser):
         self.timings["answered"] = time.monotonic()
         self._tasks.append(asyncio.ensure_future(self._media_timers()))
         self._tasks.append(asyncio.ensure_future(self._run_script()))
+
+
+# ---- what the wire saw of a call, for the report ---------------------------------------------
+
+
+def call_stats(user: TappedUser, since: float, until: float, marks: list) -> dict[str, Any]:
+    """One caller's figures over [since, until]: per-turn and barge-in latency on the wire
+    (`marks`: the Realtime simulator's (time.monotonic(), event type), for the outbound part
+    and the simulated VAD's share), outbound pacing gaps, what the relay dropped."""
+    out: dict[str, Any] = {"id": user.wa_id, "end_reason": user.end_reason}
+    tap = user.tap
+    if tap is None:
+        return out
+    deltas = [t for t, k in marks if k == "response.output_audio.delta"]
+    starts = [t for t, k in marks if k == "input_audio_buffer.speech_started"]
+    turns = []
+    for t in wire.turn_latencies(tap, since, until):
+        first = max((d for d in deltas if d <= t["reply_start"]), default=None)
+        outbound = (t["reply_start"] - first) * 1e3 if first and first > t["caller_end"] else None
+        turns.append({"wire_ms": round(t["ms"], 1), "outbound_ms": outbound and round(outbound, 1)})
+    barges = []
+    for b_ms, start in zip(
+        wire.barge_ins(tap, since, until), _barge_starts(tap, since, until), strict=True
+    ):
+        heard = min((s for s in starts if s >= start), default=None)
+        vad = (heard - start) * 1e3 if heard is not None and heard - start < 1.0 else None
+        barges.append({"wire_ms": round(b_ms, 1), "vad_ms": vad and round(vad, 1)})
+    out.update(
+        turns=turns,
+        barge_ins=barges,
+        pacing=wire.outbound_pacing(tap, since, until),
+        relay_dropped=tap.dropped,
+        audible_ms=round(user.audible_ms()),
+    )
+    return out
+
+
+def _barge_starts(tap: WireTap, since: float, until: float) -> list[float]:
+    system = tap.to_caller.spurts(since)
+    return [
+        start
+        for start, _ in tap.to_system.spurts(since)
+        if start <= until and any(s[0] < start <= s[1] for s in system)
+    ]

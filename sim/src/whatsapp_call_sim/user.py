@@ -8,6 +8,11 @@ hears is recorded (48 kHz mono int16 with arrival times) so tests can assert on 
 segments and timings. It enforces WhatsApp's media timers: the call ends with
 `end_reason="no_media"` after `start_media_timeout` s without inbound media at the start and
 `media_timeout` s of silence on the wire mid-call.
+
+`light_media=True` (opt-in, for load generation in benchmarks) makes a user much cheaper: it
+plays its utterances as Opus packets encoded once per process (no per-frame encoding, level
+computation or thread hand-off) and hears by the RFC 6464 audio level of each received packet
+instead of decoding it. Its scripts behave the same; `heard_audio()` is then silence.
 """
 
 from __future__ import annotations
@@ -186,6 +191,110 @@ class AudioPlayerTrack(MediaStreamTrack):
         return frame
 
 
+# -- light media: pre-encoded outbound, level-only inbound (opt-in) --------------------------------
+OPUS_SILENCE = b"\xf8\xff\xfe"  # one 20 ms CELT frame of silence
+SILENCE_DBOV = -127
+_OPUS_BITRATE = 32000
+_encoded: dict[bytes, list[tuple[bytes, int]]] = {}  # samples -> (Opus packet, dBov) per frame
+
+
+def level_dbov(samples: np.ndarray) -> int:
+    """RFC 6465 Appendix A level of int16 samples: rounded dBov in [-127, 0] (as aiortc's)."""
+    x = samples.astype(np.float64)
+    power = float(np.dot(x, x)) / (len(x) * 32767.0 * 32767.0) if len(x) else 0.0
+    if power <= 0.0:
+        return SILENCE_DBOV
+    return round(min(0.0, max(float(SILENCE_DBOV), 10 * np.log10(power))))
+
+
+def opus_packets(samples: np.ndarray) -> list[tuple[bytes, int]]:
+    """48 kHz mono int16 `samples` as 20 ms Opus packets with each frame's level, encoded
+    once per process and cached (the shipped utterances are replayed over and over)."""
+    key = np.asarray(samples, dtype=np.int16).tobytes()
+    cached = _encoded.get(key)
+    if cached is not None:
+        return cached
+    codec = av.CodecContext.create("libopus", "w")
+    codec.bit_rate = _OPUS_BITRATE
+    codec.format = "s16"
+    codec.layout = "mono"
+    codec.sample_rate = SAMPLE_RATE
+    codec.time_base = fractions.Fraction(1, SAMPLE_RATE)
+    codec.options = {"application": "voip"}
+    padded = np.zeros(-(-len(samples) // FRAME_SAMPLES) * FRAME_SAMPLES, dtype=np.int16)
+    padded[: len(samples)] = samples
+    levels, data = [], []
+    for i in range(0, len(padded), FRAME_SAMPLES):
+        chunk = padded[i : i + FRAME_SAMPLES]
+        levels.append(level_dbov(chunk))
+        frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = SAMPLE_RATE
+        frame.pts = i
+        data += [bytes(p) for p in codec.encode(frame)]
+    data += [bytes(p) for p in codec.encode(None)]
+    out = list(zip(data[: len(levels)], levels, strict=False))
+    _encoded[key] = out
+    return out
+
+
+class EncodedPlayerTrack(AudioPlayerTrack):
+    """`AudioPlayerTrack` that hands aiortc ready Opus packets (`opus_packets`) and says each
+    one's level in `audio_level`, for `whatsapp_call.media.sender.carry_audio_level`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.audio_level: int | None = SILENCE_DBOV
+
+    def play(self, samples: np.ndarray) -> asyncio.Future[float]:
+        done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._queue.append((opus_packets(samples), done))  # type: ignore[arg-type]
+        return done
+
+    async def recv(self) -> av.Packet:  # type: ignore[override]
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._start is None:
+            self._start = time.monotonic()
+        else:
+            self._timestamp += FRAME_SAMPLES
+            wait = self._start + self._timestamp / SAMPLE_RATE - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        data, self.audio_level = OPUS_SILENCE, SILENCE_DBOV
+        if self._queue:
+            packets, done = self._queue[0]
+            data, self.audio_level = packets[self._pos]  # type: ignore[index]
+            self._pos += 1
+            if self._pos >= len(packets):
+                self._queue.popleft()
+                self._pos = 0
+                if not done.done():
+                    done.set_result(time.monotonic())
+        packet = av.Packet(data)
+        packet.pts = self._timestamp
+        packet.time_base = fractions.Fraction(1, SAMPLE_RATE)
+        return packet
+
+
+class _LevelOnlyReceiver:
+    """Stands in for an aiortc receiver's jitter buffer: notes each RTP packet's RFC 6464
+    level and hands nothing on to decode."""
+
+    capacity = 16
+
+    def __init__(self, on_level: Any) -> None:
+        self.on_level = on_level
+
+    def add(self, packet: Any) -> tuple[bool, None]:
+        level = packet.extensions.audio_level  # (voice activity, -dBov) or None
+        self.on_level(-float(level[1]) if level is not None else float(SILENCE_DBOV))
+        return False, None
+
+
+_SILENT_FRAME = np.zeros(FRAME_SAMPLES, dtype=np.int16)
+_SILENT_FRAME.setflags(write=False)
+
+
 # -- what the user hears ------------------------------------------------------------------------
 @dataclass
 class _Heard:
@@ -214,6 +323,7 @@ class SimulatedUser:
         start_media_timeout: float = 20.0,
         media_timeout: float = 30.0,
         speech_dbfs: float = DEFAULT_SPEECH_DBFS,
+        light_media: bool = False,
     ) -> None:
         if dtls_setup not in ("active", "passive"):
             raise ValueError("dtls_setup must be 'active' or 'passive'")
@@ -230,7 +340,8 @@ class SimulatedUser:
         self.timings: dict[str, float] = {}
         self.said: list[Spoken] = []
         self.log: list[tuple[float, str]] = []  # (monotonic time, what happened)
-        self.player = AudioPlayerTrack()
+        self.light_media = light_media
+        self.player = EncodedPlayerTrack() if light_media else AudioPlayerTrack()
         self._heard = _Heard()
         self._pc: RTCPeerConnection | None = None
         self._connected = asyncio.Event()
@@ -266,6 +377,8 @@ class SimulatedUser:
         pc.addTrack(self.player)
         transceiver = pc.getTransceivers()[0]
         opus_only(transceiver)
+        if self.light_media:
+            self._use_light_media(transceiver)
         dtls = transceiver.sender.transport
         if self.dtls_setup == "passive":
             # aiortc answers setup:active unless the transport's role is preset (private API;
@@ -439,6 +552,29 @@ class SimulatedUser:
             if not self._vanished:
                 self._end("peer_closed")
 
+    def _use_light_media(self, transceiver: Any) -> None:
+        """Light media on this transceiver: the sender stamps the pre-encoded packets with
+        their level; the receiver notes levels and decodes nothing."""
+        from whatsapp_call.media.jitter import install_receive_buffer
+        from whatsapp_call.media.sender import carry_audio_level
+
+        carry_audio_level(transceiver.sender)
+        install_receive_buffer(transceiver.receiver, _LevelOnlyReceiver(self._hear_level))
+
+    def _hear_level(self, level: float) -> None:
+        """Light media: one received packet of `level` (dBov ~ dBFS), instead of a decoded
+        frame; the chunk kept is a shared silent frame, so only its length counts."""
+        heard = self._heard
+        now = time.monotonic()
+        heard.chunks.append(_SILENT_FRAME)
+        heard.times.append(now)
+        heard.levels.append(level)
+        self.timings.setdefault("first_media_in", now)
+        self.timings["last_media_in"] = now
+        if level > self.speech_dbfs:
+            heard.loud_total += FRAME_SAMPLES * 1000 / SAMPLE_RATE
+            heard.last_loud_at = now
+
     async def _media_timers(self) -> None:
         """WhatsApp's rules: no media `start_media_timeout` s into the call, or none for
         `media_timeout` s mid-call, and the call is dropped."""
@@ -498,6 +634,7 @@ class SimulatedUser:
 
 __all__ = [
     "AudioPlayerTrack",
+    "EncodedPlayerTrack",
     "HangUp",
     "Pause",
     "Say",

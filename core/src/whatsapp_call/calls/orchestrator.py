@@ -565,6 +565,7 @@ class ActiveCall:
             outbound_track=self.playout,
             dead_peer_seconds=self.settings.dead_peer_seconds,
         )
+        self.service._metric("media_started", self.call.id, self.playout, self.media)
         offer = await self.media.create_offer()
         self._mark("offer_built")
         provider_call_id = await _required(
@@ -848,6 +849,7 @@ class ActiveCall:
             await self._store_metrics()
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
+        self.service._metric("media_ended", self.call.id)  # no await before _forget: counted once
         self.service._forget(self)
         self.service.live.close(self.call.id)
 

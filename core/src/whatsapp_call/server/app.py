@@ -114,6 +114,7 @@ def create_app(
         return JSONResponse({"status": "ok", **body, "calls_active": active})
 
     async def prometheus(request: Request) -> Response:
+        await metrics.refresh()  # e.g. the front of `serve --workers N` reads its workers
         return Response(metrics.render(), media_type=metrics.content_type)
 
     routes += [

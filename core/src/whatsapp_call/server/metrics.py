@@ -3,14 +3,24 @@
 Each `Metrics` has its own `CollectorRegistry` (not prometheus_client's global one), so tests
 and several apps in one process never clash. Label values are kept to small fixed sets: a
 provider name from the internet never becomes a label (see `webhook_provider_label`).
+
+Media counters (`MEDIA_COUNTERS`: late / dropped outbound frames, underruns, inbound lost /
+concealed frames) are read from the calls' own playout and receive objects when scraped, so
+nothing is added to the per-frame path. In `serve --workers N` the front has no media: its
+`refresh()` (awaited by the /metrics route) reads every worker's /metrics and the front reports
+the totals under the same names, plus per-worker call counts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from ..store.base import CallState
 
@@ -19,6 +29,119 @@ SETUP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0)
 TURN_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
 LIVE_STATES = tuple(state.value for state in CallState if state != CallState.ENDED)
+
+# Media counters, summed over this process's calls (ended ones included): the name without
+# the `whatsapp_call_` prefix and `_total` suffix, and its help text.
+MEDIA_COUNTERS = {
+    "playout_frames": "Outbound 20 ms audio frames sent to callers.",
+    "playout_late_frames": "Outbound frames sent more than half a frame late (event loop behind).",
+    "playout_dropped_frames": "Outbound frames skipped to catch up after falling behind.",
+    "playout_underruns": "Times the AI's audio ran dry mid-reply (held back, then padded).",
+    "inbound_frames": "Inbound audio frames decoded from callers.",
+    "inbound_lost_frames": "Inbound packets given up on: not there by their playout time.",
+    "inbound_concealed_frames": "Inbound frames synthesised (Opus PLC/FEC) for lost packets.",
+    "inbound_unread_frames": "Inbound frames dropped because the bridge did not read them.",
+}
+MEDIA_CALLS = "whatsapp_call_media_calls"
+
+
+def media_counts(playout: Any, media: Any) -> dict[str, int]:
+    """One call's `MEDIA_COUNTERS`, read from its PlayoutTrack and CallMedia. Cheap (no
+    percentiles: `inbound_stats()` sorts thousands of delays), as it runs on the media loop."""
+    stats = getattr(getattr(media, "_buffer", None), "stats", None)  # LowLatencyAudioBuffer's
+    return {
+        "playout_frames": getattr(playout, "frames", 0),
+        "playout_late_frames": getattr(playout, "late_frames", 0),
+        "playout_dropped_frames": getattr(playout, "dropped_frames", 0),
+        "playout_underruns": getattr(playout, "underruns", 0),
+        "inbound_frames": getattr(stats, "frames", 0),
+        "inbound_lost_frames": getattr(stats, "lost", 0),
+        "inbound_concealed_frames": getattr(stats, "concealed", 0),
+        "inbound_unread_frames": getattr(media, "dropped_unread", 0),
+    }
+
+
+def read_worker_metrics(text: str) -> tuple[dict[str, float], dict[str, float]]:
+    """From a worker's /metrics text: its `MEDIA_COUNTERS` and the gauges the front reports
+    per worker (`media_calls`, and `calls`: calls not ended, all states)."""
+    counters: dict[str, float] = {}
+    gauges = {"media_calls": 0.0, "calls": 0.0}
+    for family in text_string_to_metric_families(text):
+        name = family.name.removeprefix("whatsapp_call_")
+        if name in MEDIA_COUNTERS:
+            counters[name] = sum(s.value for s in family.samples if s.name.endswith("_total"))
+        elif family.name == MEDIA_CALLS:
+            gauges["media_calls"] = sum(s.value for s in family.samples)
+        elif family.name == "whatsapp_call_calls":
+            gauges["calls"] = sum(s.value for s in family.samples)
+    return counters, gauges
+
+
+class _MediaCollector(Collector):
+    """Yields the media families of a `Metrics` at scrape time."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        m = self.metrics
+        totals = m.media_totals()
+        for name, help_text in MEDIA_COUNTERS.items():
+            yield CounterMetricFamily(f"whatsapp_call_{name}", help_text, value=totals[name])
+        yield GaugeMetricFamily(
+            MEDIA_CALLS,
+            "Calls with live media in this process (or its workers).",
+            value=m.media_calls,
+        )
+        if m.workers:
+            calls = GaugeMetricFamily(
+                "whatsapp_call_worker_calls",
+                "Calls not ended, per media worker.",
+                labels=["worker"],
+            )
+            up = GaugeMetricFamily(
+                "whatsapp_call_worker_up", "1 when the media worker answered.", labels=["worker"]
+            )
+            restarts = CounterMetricFamily(
+                "whatsapp_call_worker_restarts", "Media worker restarts.", labels=["worker"]
+            )
+            for worker_id, w in sorted(m.workers.items()):
+                calls.add_metric([worker_id], w.calls)
+                up.add_metric([worker_id], 1 if w.up else 0)
+                restarts.add_metric([worker_id], w.restarts)
+            yield from (calls, up, restarts)
+
+
+class WorkerMedia:
+    """What the front last read from one worker's /metrics. A restarted worker counts from
+    zero again: what its previous life counted is kept in `base`, so the totals never go down."""
+
+    def __init__(self) -> None:
+        self.base: dict[str, float] = dict.fromkeys(MEDIA_COUNTERS, 0)
+        self.last: dict[str, float] = dict.fromkeys(MEDIA_COUNTERS, 0)
+        self.media_calls = 0
+        self.calls = 0
+        self.up = False
+        self.restarts = 0
+
+    def update(self, restarts: int, counters: Mapping[str, float] | None, **gauges: Any) -> None:
+        """`counters` None: the worker did not answer (its last counts stay in the totals)."""
+        if restarts != self.restarts:  # a new process: its counters start from zero
+            for name in MEDIA_COUNTERS:
+                self.base[name] += self.last[name]
+                self.last[name] = 0
+            self.restarts = restarts
+        self.up = counters is not None
+        if counters is None:
+            self.media_calls = self.calls = 0
+            return
+        for name in MEDIA_COUNTERS:
+            self.last[name] = counters.get(name, 0)
+        self.media_calls = gauges.get("media_calls", 0)
+        self.calls = gauges.get("calls", 0)
+
+    def total(self, name: str) -> float:
+        return self.base[name] + self.last[name]
 
 
 class Metrics:
@@ -81,6 +204,12 @@ class Metrics:
         self._live: dict[str, int] = dict.fromkeys(LIVE_STATES, 0)
         for state in LIVE_STATES:
             self.calls.labels(state=state).set(0)
+        # media: live calls' (playout, media), counts of ended calls, workers' (front only)
+        self._media: dict[str, tuple[Any, Any]] = {}
+        self._media_ended: dict[str, float] = dict.fromkeys(MEDIA_COUNTERS, 0)
+        self.workers: dict[str, WorkerMedia] = {}
+        self._refreshers: list[Callable[[], Awaitable[None]]] = []
+        r.register(_MediaCollector(self))
 
     # -- calls -------------------------------------------------------------------------------
 
@@ -114,6 +243,46 @@ class Metrics:
 
     def observe_turn_latency_seconds(self, seconds: float) -> None:
         self.turn_latency_seconds.observe(seconds)
+
+    # -- media -------------------------------------------------------------------------------
+
+    def media_started(self, call_id: str, playout: Any, media: Any) -> None:
+        """A call's media objects exist: count them from now on."""
+        self._media[call_id] = (playout, media)
+
+    def media_ended(self, call_id: str) -> None:
+        """The call is over: keep its final counts, let go of its objects."""
+        objects = self._media.pop(call_id, None)
+        if objects is not None:
+            for name, value in media_counts(*objects).items():
+                self._media_ended[name] += value
+
+    @property
+    def media_calls(self) -> int:
+        return len(self._media) + sum(w.media_calls for w in self.workers.values())
+
+    def media_totals(self) -> dict[str, float]:
+        """`MEDIA_COUNTERS` over this process's calls, ended and live, and the workers'."""
+        totals = dict(self._media_ended)
+        for playout, media in self._media.values():
+            for name, value in media_counts(playout, media).items():
+                totals[name] += value
+        for worker in self.workers.values():
+            for name in MEDIA_COUNTERS:
+                totals[name] += worker.total(name)
+        return totals
+
+    def worker(self, worker_id: str) -> WorkerMedia:
+        """The front's record of one worker's media counters (created on first use)."""
+        return self.workers.setdefault(worker_id, WorkerMedia())
+
+    def add_refresher(self, refresh: Callable[[], Awaitable[None]]) -> None:
+        """`refresh()` is awaited before each render (the front reads its workers there)."""
+        self._refreshers.append(refresh)
+
+    async def refresh(self) -> None:
+        for refresh in self._refreshers:
+            await refresh()
 
     # -- webhooks ----------------------------------------------------------------------------
 

@@ -13,6 +13,8 @@ or a shared database) is common to all.
   replies go to every worker; each keeps only what concerns its own calls.
 * A worker that dies has its calls reconciled (terminated at the provider, marked failed)
   and is restarted; the front keeps serving.
+* The front's /metrics reads every worker's /metrics and reports the media counters summed
+  over the workers (the names a single process uses) and each worker's call count.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ log = logging.getLogger("whatsapp_call.workers")
 READY_TIMEOUT = 60.0
 RESTART_BACKOFF = 1.0
 WAIT_POLL_SECONDS = 0.2
+METRICS_TIMEOUT = 2.0  # a worker whose /metrics takes longer is reported down for that scrape
 
 
 class Worker:
@@ -89,6 +92,8 @@ class WorkerPool(CallService):
         self._streams: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
+        if metrics is not None and hasattr(metrics, "add_refresher"):
+            metrics.add_refresher(self._read_worker_metrics)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -198,6 +203,27 @@ class WorkerPool(CallService):
                             self.live.close(call_id)
             except (httpx.HTTPError, json.JSONDecodeError):
                 await asyncio.sleep(0.2)
+
+    async def _read_worker_metrics(self) -> None:
+        """Read every worker's /metrics into the front's (before the front's is rendered)."""
+        from ..server.metrics import read_worker_metrics
+
+        async def read(worker: Worker) -> None:
+            record = self.metrics.worker(worker.id)
+            if not worker.alive:
+                record.update(worker.restarts, None)
+                return
+            try:
+                response = await self._http.get(f"{worker.url}/metrics", timeout=METRICS_TIMEOUT)
+                response.raise_for_status()
+                counters, gauges = read_worker_metrics(response.text)
+            except (httpx.HTTPError, ValueError) as exc:
+                log.warning("could not read worker %s's metrics: %s", worker.id, exc)
+                record.update(worker.restarts, None)
+                return
+            record.update(worker.restarts, counters, **gauges)
+
+        await asyncio.gather(*(read(w) for w in self.workers))
 
     # -- calls ----------------------------------------------------------------------------
 
