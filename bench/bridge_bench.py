@@ -2,8 +2,10 @@
 
 Each call is two aiortc peers: ours (a `PlayoutTrack` + `AudioBridge`, in this process) and
 the far phone (in child processes, 6 calls each, so its CPU is not counted as ours and it never
-starves). The far phone plays a
-300 ms 440 Hz beep every second and records what it hears. The voice session is an in-bench
+starves). The far phone plays a 300 ms 440 Hz beep every second and notes when it hears the
+echo. By default it is light, so that the 2 cores are left to what is measured: its beep is
+Opus encoded once, and it hears by the RFC 6464 level on our packets instead of decoding them
+(`--full-far`: encode and decode every frame, as a phone does). The voice session is an in-bench
 echo backend: it repeats the caller's voiced audio after a fixed delay, and it pays the
 JSON + base64 costs a real Realtime client pays (encode `input_audio_buffer.append`,
 decode `response.output_audio.delta`).
@@ -46,13 +48,18 @@ import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from whatsapp_call.bridge import AudioBridge, PlayoutTrack
+from whatsapp_call.bridge.playout import SILENCE_DBOV
 from whatsapp_call.media.ice import host_addresses
+from whatsapp_call.media.jitter import install_receive_buffer
 from whatsapp_call.media.peer import CallMedia
+from whatsapp_call.media.sender import carry_audio_level
 from whatsapp_call.voice import VoiceEvent, VoiceEventType, VoiceSession
+from whatsapp_call_sim.user import OPUS_SILENCE, LevelOnlyReceiver, opus_packets
 
 ECHO_DELAY = 0.400  # longer than a beep, so each echo is a distinct turn
 BEEP_MS, BEEP_EVERY = 300, 1.0
 LOOPBACK = ["127.0.0.1"]
+LOUD_DBOV = -40  # the beep is about -15 dBov; silence -127
 FAR_CALLS_PER_PROCESS = 6
 RESULTS = Path(__file__).parent / "results"
 
@@ -126,10 +133,13 @@ class BeepTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, offset_frames: int):
+    def __init__(self, offset_frames: int, light: bool = False):
         super().__init__()
         t = np.arange(48000 * BEEP_MS // 1000) / 48000
         self._beep = (np.sin(2 * np.pi * 440 * t) * 8000).astype(np.int16)
+        # light: the beep's Opus packets are encoded once, each with its RFC 6464 level
+        self._packets = opus_packets(self._beep) if light else None
+        self.audio_level: int | None = SILENCE_DBOV
         self._period = int(BEEP_EVERY * 50)
         self._i = 0
         self._offset = offset_frames
@@ -145,12 +155,18 @@ class BeepTrack(MediaStreamTrack):
         else:
             await asyncio.sleep(max(0.0, self._start + self._i * 0.02 - time.monotonic()))
         k = (self._i + self._offset) % self._period
-        if k * 960 < len(self._beep):
-            if k == 0:
-                self.onsets.append(time.monotonic())
-            data = self._beep[k * 960 : (k + 1) * 960]
-        else:
-            data = self._silence
+        beeping = k * 960 < len(self._beep)
+        if beeping and k == 0:
+            self.onsets.append(time.monotonic())
+        if self._packets is not None:
+            data, self.audio_level = OPUS_SILENCE, SILENCE_DBOV
+            if beeping:
+                data, self.audio_level = self._packets[k]
+            packet = av.Packet(data)
+            packet.pts, packet.time_base = self._i * 960, fractions.Fraction(1, 48000)
+            self._i += 1
+            return packet
+        data = self._beep[k * 960 : (k + 1) * 960] if beeping else self._silence
         frame = av.AudioFrame(format="s16", layout="mono", samples=960)
         frame.planes[0].update(data)
         frame.pts = self._i * 960
@@ -183,7 +199,21 @@ def _echo_latencies(sent: list[float], heard: list[float], since: float) -> list
     return out
 
 
-async def _far_main(conn) -> None:
+class _LevelOnsets:
+    """Light far phone's ears: beep onsets from the RFC 6464 level on our packets, no decoding."""
+
+    def __init__(self, onsets: list[float]):
+        self.onsets = onsets
+        self.loud_before = False
+
+    def __call__(self, level: float) -> None:
+        loud = level > LOUD_DBOV
+        if loud and not self.loud_before:
+            self.onsets.append(time.monotonic())
+        self.loud_before = loud
+
+
+async def _far_main(conn, light: bool) -> None:
     loop = asyncio.get_running_loop()
     calls = []
     mark = None
@@ -193,16 +223,23 @@ async def _far_main(conn) -> None:
         if msg[0] == "offer":
             _, index, sdp = msg
             pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-            beep = BeepTrack(offset_frames=(index * 7) % 50)
+            beep = BeepTrack(offset_frames=(index * 7) % 50, light=light)
             heard: list[float] = []
             tasks: list[asyncio.Task] = []
-            pc.on(
-                "track",
-                lambda t, h=heard, ts=tasks: ts.append(asyncio.ensure_future(_record_onsets(t, h))),
-            )
-            pc.addTrack(beep)
+            if not light:
+                pc.on(
+                    "track",
+                    lambda t, h=heard, ts=tasks: ts.append(
+                        asyncio.ensure_future(_record_onsets(t, h))
+                    ),
+                )
+            sender = pc.addTrack(beep)
             with host_addresses(LOOPBACK):
                 await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
+                if light:
+                    carry_audio_level(sender)
+                    receiver = pc.getTransceivers()[0].receiver
+                    install_receive_buffer(receiver, LevelOnlyReceiver(_LevelOnsets(heard)))
                 await pc.setLocalDescription(await pc.createAnswer())
             calls.append((pc, beep, heard, tasks))
             conn.send(("answer", index, pc.localDescription.sdp))
@@ -222,8 +259,8 @@ async def _far_main(conn) -> None:
             return
 
 
-def _far_process(conn) -> None:
-    asyncio.run(_far_main(conn))
+def _far_process(conn, light: bool) -> None:
+    asyncio.run(_far_main(conn, light))
 
 
 # ---- our side ----------------------------------------------------------------------------
@@ -271,13 +308,17 @@ async def _ask(conn, msg):
     return await asyncio.get_running_loop().run_in_executor(None, conn.recv)
 
 
-async def run_once(n: int, seconds: float, mode: str, warmup: float = 2.0) -> dict:
+async def run_once(
+    n: int, seconds: float, mode: str, warmup: float = 2.0, light_far: bool = True
+) -> dict:
     # Far phones in several processes (6 calls each): one process saturates its core at ~12,
     # and a starved far side sends less audio, which would flatter our CPU per call.
     pipes, procs = [], []
     for _ in range(max(1, -(-n // FAR_CALLS_PER_PROCESS))):
         parent, child = mp.Pipe()
-        proc = mp.get_context("spawn").Process(target=_far_process, args=(child,), daemon=True)
+        proc = mp.get_context("spawn").Process(
+            target=_far_process, args=(child, light_far), daemon=True
+        )
         proc.start()
         pipes.append(parent)
         procs.append(proc)
@@ -406,7 +447,7 @@ async def main(args: argparse.Namespace) -> None:
     rows = []
     for mode in args.modes:
         for n in args.calls:
-            row = await run_once(n, args.seconds, mode)
+            row = await run_once(n, args.seconds, mode, light_far=not args.full_far)
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
@@ -428,6 +469,11 @@ def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, nargs="+", default=[1, 5, 10])
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--full-far",
+        action="store_true",
+        help="far phones encode every frame and decode ours (default: pre-encoded, level-only)",
+    )
     parser.add_argument(
         "--modes", nargs="+", choices=["bare", "frames", "opus"], default=["bare", "frames", "opus"]
     )

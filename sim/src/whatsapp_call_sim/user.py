@@ -31,6 +31,7 @@ import av
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from whatsapp_call.bridge.playout import SILENCE_DBOV, audio_level_dbov
 from whatsapp_call.media import ice
 from whatsapp_call.media.peer import opus_only
 from whatsapp_call.media.sdp import offer_problems, whatsapp_answer
@@ -193,18 +194,8 @@ class AudioPlayerTrack(MediaStreamTrack):
 
 # -- light media: pre-encoded outbound, level-only inbound (opt-in) --------------------------------
 OPUS_SILENCE = b"\xf8\xff\xfe"  # one 20 ms CELT frame of silence
-SILENCE_DBOV = -127
 _OPUS_BITRATE = 32000
 _encoded: dict[bytes, list[tuple[bytes, int]]] = {}  # samples -> (Opus packet, dBov) per frame
-
-
-def level_dbov(samples: np.ndarray) -> int:
-    """RFC 6465 Appendix A level of int16 samples: rounded dBov in [-127, 0] (as aiortc's)."""
-    x = samples.astype(np.float64)
-    power = float(np.dot(x, x)) / (len(x) * 32767.0 * 32767.0) if len(x) else 0.0
-    if power <= 0.0:
-        return SILENCE_DBOV
-    return round(min(0.0, max(float(SILENCE_DBOV), 10 * np.log10(power))))
 
 
 def opus_packets(samples: np.ndarray) -> list[tuple[bytes, int]]:
@@ -226,7 +217,7 @@ def opus_packets(samples: np.ndarray) -> list[tuple[bytes, int]]:
     levels, data = [], []
     for i in range(0, len(padded), FRAME_SAMPLES):
         chunk = padded[i : i + FRAME_SAMPLES]
-        levels.append(level_dbov(chunk))
+        levels.append(audio_level_dbov(chunk))
         frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = SAMPLE_RATE
         frame.pts = i
@@ -276,7 +267,7 @@ class EncodedPlayerTrack(AudioPlayerTrack):
         return packet
 
 
-class _LevelOnlyReceiver:
+class LevelOnlyReceiver:
     """Stands in for an aiortc receiver's jitter buffer: notes each RTP packet's RFC 6464
     level and hands nothing on to decode."""
 
@@ -559,7 +550,7 @@ class SimulatedUser:
         from whatsapp_call.media.sender import carry_audio_level
 
         carry_audio_level(transceiver.sender)
-        install_receive_buffer(transceiver.receiver, _LevelOnlyReceiver(self._hear_level))
+        install_receive_buffer(transceiver.receiver, LevelOnlyReceiver(self._hear_level))
 
     def _hear_level(self, level: float) -> None:
         """Light media: one received packet of `level` (dBov ~ dBFS), instead of a decoded
