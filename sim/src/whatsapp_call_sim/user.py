@@ -31,7 +31,7 @@ import av
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from whatsapp_call.bridge.playout import SILENCE_DBOV, audio_level_dbov
+from whatsapp_call.bridge.playout import SILENCE_DBOV, audio_level_dbov, opus_encoder
 from whatsapp_call.media import ice
 from whatsapp_call.media.peer import opus_only
 from whatsapp_call.media.sdp import offer_problems, whatsapp_answer
@@ -162,9 +162,8 @@ class AudioPlayerTrack(MediaStreamTrack):
     def playing(self) -> bool:
         return bool(self._queue)
 
-    async def recv(self) -> av.AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
+    async def _next_slot(self) -> None:
+        """Wait until the next 20 ms frame is due on this track's media clock."""
         if self._start is None:
             self._start = time.monotonic()
         else:
@@ -172,6 +171,11 @@ class AudioPlayerTrack(MediaStreamTrack):
             wait = self._start + self._timestamp / SAMPLE_RATE - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        await self._next_slot()
         out = np.zeros(FRAME_SAMPLES, dtype=np.int16)
         filled = 0
         while filled < FRAME_SAMPLES and self._queue:
@@ -205,13 +209,7 @@ def opus_packets(samples: np.ndarray) -> list[tuple[bytes, int]]:
     cached = _encoded.get(key)
     if cached is not None:
         return cached
-    codec = av.CodecContext.create("libopus", "w")
-    codec.bit_rate = _OPUS_BITRATE
-    codec.format = "s16"
-    codec.layout = "mono"
-    codec.sample_rate = SAMPLE_RATE
-    codec.time_base = fractions.Fraction(1, SAMPLE_RATE)
-    codec.options = {"application": "voip"}
+    codec = opus_encoder(SAMPLE_RATE, _OPUS_BITRATE)
     padded = np.zeros(-(-len(samples) // FRAME_SAMPLES) * FRAME_SAMPLES, dtype=np.int16)
     padded[: len(samples)] = samples
     levels, data = [], []
@@ -244,13 +242,7 @@ class EncodedPlayerTrack(AudioPlayerTrack):
     async def recv(self) -> av.Packet:  # type: ignore[override]
         if self.readyState != "live":
             raise MediaStreamError
-        if self._start is None:
-            self._start = time.monotonic()
-        else:
-            self._timestamp += FRAME_SAMPLES
-            wait = self._start + self._timestamp / SAMPLE_RATE - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
+        await self._next_slot()
         data, self.audio_level = OPUS_SILENCE, SILENCE_DBOV
         if self._queue:
             packets, done = self._queue[0]

@@ -136,7 +136,7 @@ class PlayoutTrack(MediaStreamTrack):
         self.playout_delay_ms = LatencyStats()
 
         if encoded:
-            self._codec = _opus_encoder(sample_rate, opus_bitrate)
+            self._codec = opus_encoder(sample_rate, opus_bitrate)
             self._enc_frame = av.AudioFrame(
                 format="s16", layout="mono", samples=self._frame_samples
             )
@@ -383,7 +383,8 @@ def audio_level_dbov(samples: np.ndarray) -> int:
     return round(min(0.0, max(float(SILENCE_DBOV), 10.0 * math.log10(power))))
 
 
-def _opus_encoder(rate: int, bitrate: int) -> av.CodecContext:
+def opus_encoder(rate: int, bitrate: int) -> av.CodecContext:
+    """A libopus encoder for mono PCM16 at `rate` (one Opus input rate), tuned for voice."""
     codec = av.CodecContext.create("libopus", "w")
     codec.bit_rate = bitrate
     codec.format = "s16"
