@@ -21,6 +21,7 @@ import pytest
 import whatsapp_call_meta
 import whatsapp_call_openai
 import whatsapp_call_wati
+from prometheus_client.parser import text_string_to_metric_families
 from whatsapp_call.calls.orchestrator import CallInProgressError, CallRequest, ServiceBusyError
 from whatsapp_call.runtime import Runtime
 from whatsapp_call_sim.audio import UTTERANCE_TEXT
@@ -230,14 +231,15 @@ async def test_concurrency_limit_and_one_call_per_callee(providers, make_setting
     assert ended.end_reason == "cancelled"
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 async def test_restart_mid_call_reconciles_without_calling_twice(
-    providers, make_settings, tmp_path
+    workers, providers, make_settings, tmp_path
 ):
     """kill -9 of `serve` mid-call: the next start terminates the call at the provider and
-    marks it failed; nobody is called a second time."""
+    marks it failed; nobody is called a second time, and /metrics no longer counts it live."""
     async with SimulatorSet(provider="meta", state_dir=tmp_path, turn=False) as sims:
         env = {**os.environ, "WHATSAPP_CALL_PLUGINS": "meta,openai"}
-        cli = [CLI, "-c", str(sims.config_path), "serve"]
+        cli = [CLI, "-c", str(sims.config_path), "serve", "--workers", workers]
         api = sims.urls["service"]
         headers = {"Authorization": f"Bearer {sims.options['serviceToken']}"}
 
@@ -274,11 +276,19 @@ async def test_restart_mid_call_reconciles_without_calling_twice(
         try:
             async with httpx.AsyncClient(base_url=api, headers=headers, timeout=10) as client:
                 call = (await client.get(f"/v1/calls/{created['id']}")).json()
+                metrics = (await client.get("/metrics")).text
         finally:
             proc.terminate()
             await asyncio.wait_for(proc.wait(), 15)
         sim_call = only_sim_call(sims)
     assert call["state"] == "ended" and call["end_reason"] == "failed"
+    live = {  # the reconciled call is no longer counted as live
+        s.labels["state"]: s.value
+        for family in text_string_to_metric_families(metrics)
+        if family.name == "whatsapp_call_calls"
+        for s in family.samples
+    }
+    assert live and not any(live.values()), live
     assert call["end_detail"].startswith("restarted")
     assert sim_call.ended and sim_call.terminated_by in ("business", "user", "network")
 

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -153,10 +154,27 @@ def scrape(text: str) -> dict[tuple[str, tuple], float]:
     }
 
 
+def family_total(samples: dict[tuple[str, tuple], float], name: str) -> float:
+    """A sample name's values added up over all its labels."""
+    return sum(value for (sample, _), value in samples.items() if sample == name)
+
+
+async def scrape_until(client, done, timeout=15.0) -> dict[tuple[str, tuple], float]:
+    """Scrape /metrics until `done(samples)`: a call's histograms are observed as it is
+    cleaned up, a moment after it is reported ended."""
+    async with asyncio.timeout(timeout):
+        while True:
+            samples = scrape((await client.get("/metrics")).text)
+            if done(samples):
+                return samples
+            await asyncio.sleep(0.2)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
-async def test_front_metrics_total_the_workers_media_counters(tmp_path, workers):
-    """The front's /metrics reports the workers' media counters summed, under the names one
-    process uses (`--workers 1`), and how many calls each worker carries."""
+async def test_front_metrics_total_the_workers_call_metrics(tmp_path, workers):
+    """The front's /metrics reports every call metric summed over its workers (media counters,
+    calls by state, created / ended, histograms), under the names one process uses
+    (`--workers 1`), and how many calls each worker carries."""
     from whatsapp_call.server.metrics import MEDIA_COUNTERS
 
     async with cluster(tmp_path, workers=workers) as (_, client, _):
@@ -166,11 +184,12 @@ async def test_front_metrics_total_the_workers_media_counters(tmp_path, workers)
         calls = [await wait_state(client, c["id"], {"in_progress"}) for c in ids]
         await asyncio.sleep(1.5)  # a second of media each way
         during = scrape((await client.get("/metrics")).text)
-        for c in calls:
-            await client.post(f"/v1/calls/{c['id']}/hangup")
-        for c in calls:
+        for c in calls:  # the callers' default script: hello, a reply (a turn), goodbye
             await wait_state(client, c["id"], {"ended"})
-        after = scrape((await client.get("/metrics")).text)
+        after = await scrape_until(
+            client, lambda s: s.get(("whatsapp_call_setup_seconds_count", ()), 0) >= 2
+        )
+        records = [(await client.get(f"/v1/calls/{c['id']}")).json() for c in calls]
     for name in MEDIA_COUNTERS:
         assert (f"whatsapp_call_{name}_total", ()) in during, name
         # ended calls stay counted: totals never go down
@@ -182,6 +201,20 @@ async def test_front_metrics_total_the_workers_media_counters(tmp_path, workers)
     assert after[("whatsapp_call_media_calls", ())] == 0
     assert during[("whatsapp_call_playout_frames_total", ())] >= 2 * 50  # 2 calls, >= 1 s each
     assert during[("whatsapp_call_inbound_frames_total", ())] >= 2 * 25
+    assert during[("whatsapp_call_calls", (("state", "in_progress"),))] == 2
+    assert family_total(during, "whatsapp_call_calls") == 2
+    assert family_total(after, "whatsapp_call_calls") == 0  # every state back at 0
+    assert after[("whatsapp_call_calls_created_total", ())] == 2
+    assert family_total(after, "whatsapp_call_calls_ended_total") == 2
+    assert after[("whatsapp_call_setup_seconds_count", ())] == 2
+    assert after[("whatsapp_call_setup_seconds_bucket", (("le", "+Inf"),))] == 2
+    turns = [
+        t
+        for r in records
+        for t in (r["metrics"].get("audio") or {}).get("turns", [])
+        if t.get("response_latency_ms") is not None
+    ]
+    assert turns and after[("whatsapp_call_turn_latency_seconds_count", ())] == len(turns)
     if workers == 2:
         per_worker = {
             dict(labels)["worker"]: value
@@ -194,17 +227,64 @@ async def test_front_metrics_total_the_workers_media_counters(tmp_path, workers)
         assert not any(name.startswith("whatsapp_call_worker_") for name, _ in during)
 
 
-def test_a_restarted_workers_counts_are_carried_forward():
-    """A worker that restarts counts from zero; the front's totals must not go down."""
+def worker_text(calls: list[tuple[str, float | None]], live: int = 0, frames: int = 0) -> str:
+    """The /metrics text of a worker process that ended `calls` ((end reason, set-up
+    seconds)), carries `live` calls in progress and sent `frames` audio frames."""
     from whatsapp_call.server.metrics import Metrics
 
     metrics = Metrics()
-    worker = metrics.worker("w1")
-    worker.update(0, {"playout_late_frames": 5, "playout_frames": 1000}, calls=3, media_calls=3)
-    assert metrics.media_totals()["playout_late_frames"] == 5
-    assert metrics.media_calls == 3
-    worker.update(0, None)  # not answering: its counts stay, its calls are not reported
-    assert metrics.media_totals()["playout_late_frames"] == 5 and metrics.media_calls == 0
-    worker.update(1, {"playout_late_frames": 1, "playout_frames": 50}, calls=1, media_calls=1)
-    totals = metrics.media_totals()
-    assert totals["playout_late_frames"] == 6 and totals["playout_frames"] == 1050
+    for reason, setup in calls:
+        metrics.call_state_changed(None, "created")
+        metrics.call_state_changed("created", "ended")
+        metrics.call_ended(reason)
+        if setup is not None:
+            metrics.observe_setup_seconds(setup)
+    for _ in range(live):
+        metrics.call_state_changed(None, "created")
+        metrics.call_state_changed("created", "in_progress")
+    metrics.media_started("c", SimpleNamespace(frames=frames), None)
+    return metrics.render().decode()
+
+
+def test_the_front_totals_its_workers_and_keeps_a_restarted_ones_counts():
+    """Counters and histograms are summed over the workers, a restarted worker's earlier
+    counts kept (totals never go down); gauges are the workers' alone (the front runs no
+    call: its own state gauges, seeded from the store, would count stale calls)."""
+    from whatsapp_call.server.metrics import Metrics
+
+    front = Metrics()
+    front.seed_from_store({"in_progress": 5})
+    front.call_ended("failed")  # the front reconciled a call of a worker that died
+    front.read_worker("w1", 0, worker_text([("completed", 0.3)], live=1, frames=100))
+    front.read_worker("w2", 0, worker_text([("rejected", None), ("completed", 0.6)]))
+    first = scrape(front.render().decode())
+    assert first[("whatsapp_call_calls_created_total", ())] == 4
+    assert first[("whatsapp_call_calls_ended_total", (("reason", "completed"),))] == 2
+    assert first[("whatsapp_call_calls_ended_total", (("reason", "rejected"),))] == 1
+    assert first[("whatsapp_call_calls_ended_total", (("reason", "failed"),))] == 1
+    assert first[("whatsapp_call_calls", (("state", "in_progress"),))] == 1
+    assert family_total(first, "whatsapp_call_calls") == 1
+    assert first[("whatsapp_call_setup_seconds_count", ())] == 2
+    assert first[("whatsapp_call_setup_seconds_sum", ())] == pytest.approx(0.9)
+    assert first[("whatsapp_call_setup_seconds_bucket", (("le", "0.5"),))] == 1
+    assert first[("whatsapp_call_setup_seconds_bucket", (("le", "+Inf"),))] == 2
+    assert first[("whatsapp_call_playout_frames_total", ())] == 100
+    assert first[("whatsapp_call_media_calls", ())] == 2
+    assert first[("whatsapp_call_worker_calls", (("worker", "w1"),))] == 1
+    # Every family one process has, under the same names and labels.
+    alone = scrape(worker_text([("completed", 0.3)]))
+    assert {k for k in alone if not k[0].endswith("_created")} <= set(first)
+
+    # w1 restarts (counting from zero), w2 stops answering.
+    front.read_worker("w1", 1, worker_text([("completed", 0.2)], frames=30))
+    front.read_worker("w2", 0, None)
+    then = scrape(front.render().decode())
+    assert then[("whatsapp_call_calls_created_total", ())] == 5
+    assert then[("whatsapp_call_calls_ended_total", (("reason", "completed"),))] == 3
+    assert then[("whatsapp_call_setup_seconds_count", ())] == 3
+    assert then[("whatsapp_call_setup_seconds_sum", ())] == pytest.approx(1.1)
+    assert then[("whatsapp_call_playout_frames_total", ())] == 130
+    assert family_total(then, "whatsapp_call_calls") == 0
+    assert then[("whatsapp_call_media_calls", ())] == 1  # w1's new process; w2 unknown
+    assert then[("whatsapp_call_worker_restarts_total", (("worker", "w1"),))] == 1
+    assert then[("whatsapp_call_worker_up", (("worker", "w2"),))] == 0

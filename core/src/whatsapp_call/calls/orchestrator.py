@@ -157,6 +157,7 @@ class CallService:
         if await self.store.transition(
             record.id, CallState.ENDED, end_reason=EndReason.FAILED, detail=detail
         ):
+            self._metric("call_state_changed", record.state.value, CallState.ENDED.value)
             self._metric("call_ended", EndReason.FAILED.value)
             log.warning("call %s reconciled (%s): %s", record.id, record.state.value, detail)
             return True

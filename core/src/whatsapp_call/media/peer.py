@@ -43,6 +43,8 @@ from .sender import carry_audio_level
 
 log = logging.getLogger(__name__)
 _GATHER_GRACE = 2.0  # hard ceiling on setLocalDescription beyond gather_timeout
+# InboundAudioStats counters `inbound_counts()` reports (its delays are left out)
+INBOUND_COUNTS = ("packets", "frames", "concealed", "lost", "late", "duplicates", "resyncs")
 
 
 def rtc_ice_servers(servers: Sequence[IceServer]) -> list[RTCIceServer]:
@@ -144,6 +146,13 @@ class CallMedia:
         if self._transceiver is None:
             return None
         return getattr(self._transceiver.sender.transport, "_role", None)
+
+    def inbound_counts(self) -> dict[str, int]:
+        """The receive path's counters alone, cheap enough for every /metrics scrape
+        (`inbound_stats()` also sorts up to 5,000 delays for its percentiles)."""
+        stats = self._buffer.stats if isinstance(self._buffer, LowLatencyAudioBuffer) else None
+        counts = {name: getattr(stats, name, 0) for name in INBOUND_COUNTS}
+        return {**counts, "dropped_unread": self.dropped_unread}
 
     def inbound_stats(self) -> dict[str, Any]:
         """Receive-path counters and stack delay percentiles (for the bridge's metrics)."""

@@ -6,18 +6,22 @@ provider name from the internet never becomes a label (see `webhook_provider_lab
 
 Media counters (`MEDIA_COUNTERS`: late / dropped outbound frames, underruns, inbound lost /
 concealed frames) are read from the calls' own playout and receive objects when scraped, so
-nothing is added to the per-frame path. In `serve --workers N` the front has no media: its
-`refresh()` (awaited by the /metrics route) reads every worker's /metrics and the front reports
-the totals under the same names, plus per-worker call counts.
+nothing is added to the per-frame path.
+
+In `serve --workers N` the calls run in the workers, so the front's own call metrics stay at
+zero. Its `refresh()` (awaited by the /metrics route) reads every worker's /metrics, and the
+front reports every call family (states, created / ended, set-up and turn histograms, media)
+as the total over its workers, under the names and labels one process uses, plus per-worker
+call counts. Webhook families stay the front's own: webhooks reach only the front.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
@@ -47,101 +51,145 @@ MEDIA_CALLS = "whatsapp_call_media_calls"
 
 def media_counts(playout: Any, media: Any) -> dict[str, int]:
     """One call's `MEDIA_COUNTERS`, read from its PlayoutTrack and CallMedia. Cheap (no
-    percentiles: `inbound_stats()` sorts thousands of delays), as it runs on the media loop."""
-    stats = getattr(getattr(media, "_buffer", None), "stats", None)  # LowLatencyAudioBuffer's
+    percentiles), as it runs on the media loop."""
+    inbound = getattr(media, "inbound_counts", dict)()
     return {
         "playout_frames": getattr(playout, "frames", 0),
         "playout_late_frames": getattr(playout, "late_frames", 0),
         "playout_dropped_frames": getattr(playout, "dropped_frames", 0),
         "playout_underruns": getattr(playout, "underruns", 0),
-        "inbound_frames": getattr(stats, "frames", 0),
-        "inbound_lost_frames": getattr(stats, "lost", 0),
-        "inbound_concealed_frames": getattr(stats, "concealed", 0),
-        "inbound_unread_frames": getattr(media, "dropped_unread", 0),
+        "inbound_frames": inbound.get("frames", 0),
+        "inbound_lost_frames": inbound.get("lost", 0),
+        "inbound_concealed_frames": inbound.get("concealed", 0),
+        "inbound_unread_frames": inbound.get("dropped_unread", 0),
     }
 
 
-def read_worker_metrics(text: str) -> tuple[dict[str, float], dict[str, float]]:
-    """From a worker's /metrics text: its `MEDIA_COUNTERS` and the gauges the front reports
-    per worker (`media_calls`, and `calls`: calls not ended, all states)."""
-    counters: dict[str, float] = {}
-    gauges = {"media_calls": 0.0, "calls": 0.0}
+# {family name: {(sample name, sorted labels): value}}
+Samples = dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]
+
+
+def read_worker_metrics(text: str, families: Collection[str]) -> tuple[Samples, Samples]:
+    """From a worker's /metrics text, the samples of `families`: (counters and histograms,
+    gauges). `_created` timestamps are left out: they cannot be added up."""
+    counts: Samples = {}
+    gauges: Samples = {}
     for family in text_string_to_metric_families(text):
-        name = family.name.removeprefix("whatsapp_call_")
-        if name in MEDIA_COUNTERS:
-            counters[name] = sum(s.value for s in family.samples if s.name.endswith("_total"))
-        elif family.name == MEDIA_CALLS:
-            gauges["media_calls"] = sum(s.value for s in family.samples)
-        elif family.name == "whatsapp_call_calls":
-            gauges["calls"] = sum(s.value for s in family.samples)
-    return counters, gauges
+        if family.name not in families:
+            continue
+        into = gauges if family.type == "gauge" else counts
+        into[family.name] = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+    return counts, gauges
 
 
-class _MediaCollector(Collector):
-    """Yields the media families of a `Metrics` at scrape time."""
+class WorkerMetrics:
+    """What the front last read from one worker's /metrics. A restarted worker counts from
+    zero again: what its previous lives counted is kept in `base`, so totals never go down."""
+
+    def __init__(self) -> None:
+        self.base: Samples = {}  # counters and histograms of earlier processes
+        self.counts: Samples = {}  # and of the current one, as last read
+        self.gauges: Samples = {}  # empty while the worker does not answer
+        self.up = False
+        self.restarts = 0
+
+    def update(self, restarts: int, read: tuple[Samples, Samples] | None) -> None:
+        """`read` None: the worker did not answer (its last counts stay in the totals)."""
+        if restarts != self.restarts:  # a new process: its counters start from zero
+            _add(self.base, self.counts)
+            self.counts = {}
+            self.restarts = restarts
+        self.up = read is not None
+        if read is None:
+            self.gauges = {}
+            return
+        self.counts, self.gauges = read
+
+    def gauge(self, family: str) -> float:
+        """A gauge family's samples added up (e.g. all its `state` labels)."""
+        return sum(self.gauges.get(family, {}).values())
+
+
+def _add(into: Samples, samples: Samples) -> None:
+    for family, values in samples.items():
+        totals = into.setdefault(family, {})
+        for key, value in values.items():
+            totals[key] = totals.get(key, 0) + value
+
+
+class _CallCollector(Collector):
+    """The call families at scrape time: this process's own, or in the front of
+    `serve --workers N`, the totals over its workers (see the module docstring)."""
 
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
 
-    def collect(self) -> Iterator[Any]:
+    def collect(self) -> Iterator[Metric]:
         m = self.metrics
-        totals = m.media_totals()
+        own = m.call_registry.collect()
+        if not m.workers:
+            yield from own
+            return
+        counts: Samples = {}
+        gauges: Samples = {}
+        for w in m.workers.values():
+            _add(counts, w.base)
+            _add(counts, w.counts)
+            _add(gauges, w.gauges)
+        for family in own:
+            # The front runs no call: its own gauges (states seeded from the store at start)
+            # are left out; its own counts (calls it reconciled) are added to the workers'.
+            gauge = family.type == "gauge"
+            theirs = dict((gauges if gauge else counts).get(family.name, {}))
+            total = Metric(family.name, family.documentation, family.type, family.unit)
+            for s in family.samples:
+                key = (s.name, tuple(sorted(s.labels.items())))
+                if s.name.endswith("_created"):  # when the front's series began
+                    total.add_sample(s.name, s.labels, s.value)
+                    continue
+                mine = 0 if gauge else s.value
+                total.add_sample(s.name, s.labels, mine + theirs.pop(key, 0))
+            for (name, labels), value in theirs.items():  # label values only workers have
+                total.add_sample(name, dict(labels), value)
+            yield total
+        yield from self._per_worker()
+
+    def _per_worker(self) -> Iterator[Metric]:
+        calls = GaugeMetricFamily(
+            "whatsapp_call_worker_calls", "Calls not ended, per media worker.", labels=["worker"]
+        )
+        up = GaugeMetricFamily(
+            "whatsapp_call_worker_up", "1 when the media worker answered.", labels=["worker"]
+        )
+        restarts = CounterMetricFamily(
+            "whatsapp_call_worker_restarts", "Media worker restarts.", labels=["worker"]
+        )
+        for worker_id, w in sorted(self.metrics.workers.items()):
+            calls.add_metric([worker_id], w.gauge("whatsapp_call_calls"))
+            up.add_metric([worker_id], 1 if w.up else 0)
+            restarts.add_metric([worker_id], w.restarts)
+        yield from (calls, up, restarts)
+
+
+class _MediaCollector(Collector):
+    """This process's media families at scrape time."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        totals = self.metrics.media_totals()
         for name, help_text in MEDIA_COUNTERS.items():
             yield CounterMetricFamily(f"whatsapp_call_{name}", help_text, value=totals[name])
         yield GaugeMetricFamily(
             MEDIA_CALLS,
             "Calls with live media in this process (or its workers).",
-            value=m.media_calls,
+            value=self.metrics.media_calls,
         )
-        if m.workers:
-            calls = GaugeMetricFamily(
-                "whatsapp_call_worker_calls",
-                "Calls not ended, per media worker.",
-                labels=["worker"],
-            )
-            up = GaugeMetricFamily(
-                "whatsapp_call_worker_up", "1 when the media worker answered.", labels=["worker"]
-            )
-            restarts = CounterMetricFamily(
-                "whatsapp_call_worker_restarts", "Media worker restarts.", labels=["worker"]
-            )
-            for worker_id, w in sorted(m.workers.items()):
-                calls.add_metric([worker_id], w.calls)
-                up.add_metric([worker_id], 1 if w.up else 0)
-                restarts.add_metric([worker_id], w.restarts)
-            yield from (calls, up, restarts)
-
-
-class WorkerMedia:
-    """What the front last read from one worker's /metrics. A restarted worker counts from
-    zero again: what its previous life counted is kept in `base`, so the totals never go down."""
-
-    def __init__(self) -> None:
-        self.base: dict[str, float] = dict.fromkeys(MEDIA_COUNTERS, 0)
-        self.last: dict[str, float] = dict.fromkeys(MEDIA_COUNTERS, 0)
-        self.media_calls = 0
-        self.calls = 0
-        self.up = False
-        self.restarts = 0
-
-    def update(self, restarts: int, counters: Mapping[str, float] | None, **gauges: Any) -> None:
-        """`counters` None: the worker did not answer (its last counts stay in the totals)."""
-        if restarts != self.restarts:  # a new process: its counters start from zero
-            for name in MEDIA_COUNTERS:
-                self.base[name] += self.last[name]
-                self.last[name] = 0
-            self.restarts = restarts
-        self.up = counters is not None
-        if counters is None:
-            self.media_calls = self.calls = 0
-            return
-        for name in MEDIA_COUNTERS:
-            self.last[name] = counters.get(name, 0)
-        self.media_calls = gauges.get("media_calls", 0)
-        self.calls = gauges.get("calls", 0)
-
-    def total(self, name: str) -> float:
-        return self.base[name] + self.last[name]
 
 
 class Metrics:
@@ -157,7 +205,15 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry(auto_describe=True)
-        r = self.registry
+        # the call families live in a registry of their own, which `_CallCollector` renders
+        # as they are, or in the front added to its workers'
+        self.call_registry = CollectorRegistry(auto_describe=True)
+        self._live: dict[str, int] = dict.fromkeys(LIVE_STATES, 0)
+        self._media: dict[str, tuple[Any, Any]] = {}  # live calls' (playout, media)
+        self._media_ended: dict[str, float] = dict.fromkeys(MEDIA_COUNTERS, 0)
+        self.workers: dict[str, WorkerMetrics] = {}  # the front's record of its workers
+        self._refreshers: list[Callable[[], Awaitable[None]]] = []
+        r = self.call_registry
         self.calls = Gauge(
             "whatsapp_call_calls", "Calls not ended yet, by state.", ["state"], registry=r
         )
@@ -177,6 +233,12 @@ class Metrics:
             buckets=TURN_BUCKETS,
             registry=r,
         )
+        r.register(_MediaCollector(self))
+        self.call_families = frozenset(family.name for family in r.collect())
+        for state in LIVE_STATES:
+            self.calls.labels(state=state).set(0)
+        r = self.registry
+        r.register(_CallCollector(self))
         self.webhooks_received = Counter(
             "whatsapp_call_webhooks_received",
             "Webhook requests received, by provider.",
@@ -201,15 +263,6 @@ class Metrics:
             ["provider"],
             registry=r,
         )
-        self._live: dict[str, int] = dict.fromkeys(LIVE_STATES, 0)
-        for state in LIVE_STATES:
-            self.calls.labels(state=state).set(0)
-        # media: live calls' (playout, media), counts of ended calls, workers' (front only)
-        self._media: dict[str, tuple[Any, Any]] = {}
-        self._media_ended: dict[str, float] = dict.fromkeys(MEDIA_COUNTERS, 0)
-        self.workers: dict[str, WorkerMedia] = {}
-        self._refreshers: list[Callable[[], Awaitable[None]]] = []
-        r.register(_MediaCollector(self))
 
     # -- calls -------------------------------------------------------------------------------
 
@@ -259,22 +312,24 @@ class Metrics:
 
     @property
     def media_calls(self) -> int:
-        return len(self._media) + sum(w.media_calls for w in self.workers.values())
+        return len(self._media)
 
     def media_totals(self) -> dict[str, float]:
-        """`MEDIA_COUNTERS` over this process's calls, ended and live, and the workers'."""
+        """`MEDIA_COUNTERS` over this process's calls, ended and live."""
         totals = dict(self._media_ended)
         for playout, media in self._media.values():
             for name, value in media_counts(playout, media).items():
                 totals[name] += value
-        for worker in self.workers.values():
-            for name in MEDIA_COUNTERS:
-                totals[name] += worker.total(name)
         return totals
 
-    def worker(self, worker_id: str) -> WorkerMedia:
-        """The front's record of one worker's media counters (created on first use)."""
-        return self.workers.setdefault(worker_id, WorkerMedia())
+    # -- workers (the front of `serve --workers N`) --------------------------------------------
+
+    def read_worker(self, worker_id: str, restarts: int, text: str | None) -> None:
+        """Take in one worker's /metrics `text` (None: it did not answer). `restarts`, how
+        often the worker was restarted, tells a new process (counting from zero) apart.
+        ValueError if `text` is not the Prometheus text format."""
+        read = None if text is None else read_worker_metrics(text, self.call_families)
+        self.workers.setdefault(worker_id, WorkerMetrics()).update(restarts, read)
 
     def add_refresher(self, refresh: Callable[[], Awaitable[None]]) -> None:
         """`refresh()` is awaited before each render (the front reads its workers there)."""

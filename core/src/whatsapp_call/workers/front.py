@@ -13,8 +13,9 @@ or a shared database) is common to all.
   replies go to every worker; each keeps only what concerns its own calls.
 * A worker that dies has its calls reconciled (terminated at the provider, marked failed)
   and is restarted; the front keeps serving.
-* The front's /metrics reads every worker's /metrics and reports the media counters summed
-  over the workers (the names a single process uses) and each worker's call count.
+* The front's /metrics reads every worker's /metrics and reports every call metric (states,
+  created / ended, histograms, media counters) summed over the workers, under the names a
+  single process uses, and each worker's call count.
 """
 
 from __future__ import annotations
@@ -206,22 +207,18 @@ class WorkerPool(CallService):
 
     async def _read_worker_metrics(self) -> None:
         """Read every worker's /metrics into the front's (before the front's is rendered)."""
-        from ..server.metrics import read_worker_metrics
 
         async def read(worker: Worker) -> None:
-            record = self.metrics.worker(worker.id)
             if not worker.alive:
-                record.update(worker.restarts, None)
+                self.metrics.read_worker(worker.id, worker.restarts, None)
                 return
             try:
                 response = await self._http.get(f"{worker.url}/metrics", timeout=METRICS_TIMEOUT)
                 response.raise_for_status()
-                counters, gauges = read_worker_metrics(response.text)
+                self.metrics.read_worker(worker.id, worker.restarts, response.text)
             except (httpx.HTTPError, ValueError) as exc:
                 log.warning("could not read worker %s's metrics: %s", worker.id, exc)
-                record.update(worker.restarts, None)
-                return
-            record.update(worker.restarts, counters, **gauges)
+                self.metrics.read_worker(worker.id, worker.restarts, None)
 
         await asyncio.gather(*(read(w) for w in self.workers))
 
