@@ -586,3 +586,15 @@ def test_bridge_refuses_a_session_at_another_rate():
     with pytest.raises(MediaError, match="16000 Hz") as err:
         AudioBridge(None, PlayoutTrack(), session)
     assert "sample_rate" in err.value.hint
+
+
+def test_a_sender_without_the_hook_is_left_alone(caplog):
+    """An aiortc whose sender has no `_next_encoded_frame` still places calls, without levels."""
+
+    class OtherSender:
+        track = None
+
+    sender = OtherSender()
+    carry_audio_level(sender)
+    assert not hasattr(sender, "_next_encoded_frame")
+    assert "without the audio level" in caplog.text

@@ -9,18 +9,25 @@ computed for the packet it just returned.
 
 It wraps the sender's `_next_encoded_frame` (aiortc 1.9-1.16: `recv()` of the track, then
 packetising, with no await in between, so the track's `audio_level` belongs to that packet);
-`tests/test_media_sender.py` fails if a new aiortc changes this.
+`tests/test_bridge.py` checks the level on the wire, so a new aiortc that changes this fails
+there; at run time such a sender is left alone (the extension is optional).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def carry_audio_level(sender: Any) -> None:
     """Have `sender` stamp each packet of pre-encoded audio with its track's `audio_level`
     (dBov, -127..0; None or absent = no extension) when it computed none itself."""
-    next_encoded_frame = sender._next_encoded_frame
+    next_encoded_frame = getattr(sender, "_next_encoded_frame", None)
+    if next_encoded_frame is None:  # an aiortc whose sender changed: the extension is optional
+        log.warning("aiortc's RTCRtpSender changed: RTP packets go without the audio level")
+        return
 
     async def with_level(codec: Any) -> Any:
         frame = await next_encoded_frame(codec)
