@@ -249,11 +249,10 @@ def worker_text(calls: list[tuple[str, float | None]], live: int = 0, frames: in
 def test_the_front_totals_its_workers_and_keeps_a_restarted_ones_counts():
     """Counters and histograms are summed over the workers, a restarted worker's earlier
     counts kept (totals never go down); gauges are the workers' alone (the front runs no
-    call: its own state gauges, seeded from the store, would count stale calls)."""
+    call)."""
     from whatsapp_call.server.metrics import Metrics
 
     front = Metrics()
-    front.seed_from_store({"in_progress": 5})
     front.call_ended("failed")  # the front reconciled a call of a worker that died
     front.read_worker("w1", 0, worker_text([("completed", 0.3)], live=1, frames=100))
     front.read_worker("w2", 0, worker_text([("rejected", None), ("completed", 0.6)]))

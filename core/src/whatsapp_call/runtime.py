@@ -67,8 +67,8 @@ class Runtime:
         self.store = open_store(settings)
         await self.store.open()
         try:
+            # Gauges count this process's calls: none at start (leftovers are reconciled).
             self.metrics = Metrics()
-            self.metrics.seed_from_store(await self.store.count_by_state())
             instance_id = _instance_id(settings) if settings.redis_url else None
             if self.workers > 1:
                 from .workers.front import WorkerPool

@@ -17,7 +17,7 @@ call counts. Webhook families stay the front's own: webhooks reach only the fron
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -141,7 +141,7 @@ class _CallCollector(Collector):
             _add(counts, w.counts)
             _add(gauges, w.gauges)
         for family in own:
-            # The front runs no call: its own gauges (states seeded from the store at start)
+            # The front runs no call: its own gauges (zero: it only reconciles dead workers' calls)
             # are left out; its own counts (calls it reconciled) are added to the workers'.
             gauge = family.type == "gauge"
             theirs = dict((gauges if gauge else counts).get(family.name, {}))
@@ -279,12 +279,6 @@ class Metrics:
     def _add(self, state: str, delta: int) -> None:
         if state in self._live:
             self._live[state] = max(0, self._live[state] + delta)
-            self.calls.labels(state=state).set(self._live[state])
-
-    def seed_from_store(self, counts_by_state: Mapping[str, int]) -> None:
-        """Start the state gauges from the store's counts (after a restart)."""
-        for state in LIVE_STATES:
-            self._live[state] = int(counts_by_state.get(state, 0))
             self.calls.labels(state=state).set(self._live[state])
 
     @property
