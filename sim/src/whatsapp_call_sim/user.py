@@ -516,21 +516,10 @@ class SimulatedUser:
                 await self._pc.close()
 
     async def _listen(self, track: MediaStreamTrack) -> None:
-        heard = self._heard
         try:
             while True:
-                frame = await track.recv()
-                now = time.monotonic()
-                samples = frame_to_mono(frame)
-                level = level_dbfs(samples)
-                heard.chunks.append(samples)
-                heard.times.append(now)
-                heard.levels.append(level)
-                self.timings.setdefault("first_media_in", now)
-                self.timings["last_media_in"] = now
-                if level > self.speech_dbfs:
-                    heard.loud_total += len(samples) * 1000 / SAMPLE_RATE
-                    heard.last_loud_at = now
+                samples = frame_to_mono(await track.recv())
+                self._note_heard(samples, level_dbfs(samples))
         except MediaStreamError:
             if not self._vanished:
                 self._end("peer_closed")
@@ -547,15 +536,19 @@ class SimulatedUser:
     def _hear_level(self, level: float) -> None:
         """Light media: one received packet of `level` (dBov ~ dBFS), instead of a decoded
         frame; the chunk kept is a shared silent frame, so only its length counts."""
+        self._note_heard(_SILENT_FRAME, level)
+
+    def _note_heard(self, samples: np.ndarray, level: float) -> None:
+        """Record one received chunk of audio (48 kHz mono) and its level."""
         heard = self._heard
         now = time.monotonic()
-        heard.chunks.append(_SILENT_FRAME)
+        heard.chunks.append(samples)
         heard.times.append(now)
         heard.levels.append(level)
         self.timings.setdefault("first_media_in", now)
         self.timings["last_media_in"] = now
         if level > self.speech_dbfs:
-            heard.loud_total += FRAME_SAMPLES * 1000 / SAMPLE_RATE
+            heard.loud_total += len(samples) * 1000 / SAMPLE_RATE
             heard.last_loud_at = now
 
     async def _media_timers(self) -> None:
