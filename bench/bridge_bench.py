@@ -21,7 +21,8 @@ Measured over a window after all calls are connected and warmed up:
 
 Modes: "opus" = the production path (`CallMedia` with our receive buffer, `PlayoutTrack`
 encoding Opus itself, as calls run); "frames" = the same with PlayoutTrack(encoded=False)
-handing aiortc 48 kHz frames (aiortc encodes); "bare" = no bridge at all (a plain aiortc
+handing aiortc 48 kHz frames (aiortc encodes) and inbound audio decoded at 48 kHz and resampled
+to 24 kHz (the design before `media.opus`); "bare" = no bridge at all (a plain aiortc
 peer: a silence track out, inbound frames decoded by aiortc and drained), the floor.
 
 Writes bench/results/bridge_bench-<time>.json.
@@ -340,7 +341,11 @@ async def run_once(
                 media = _Drain(await remote)
             else:  # the production path: CallMedia (our receive buffer) + PlayoutTrack
                 playout = PlayoutTrack(encoded=(mode == "opus"))
-                media = CallMedia(host_addresses=LOOPBACK, outbound_track=playout)
+                media = CallMedia(  # "frames" decodes at 48 kHz and resamples, as before
+                    host_addresses=LOOPBACK,
+                    outbound_track=playout,
+                    inbound_rate=24000 if mode == "opus" else 48000,
+                )
                 offer = await media.create_offer()
                 _, _, answer = await _ask(pipes[i % len(pipes)], ("offer", i, offer))
                 await media.accept_answer(answer)

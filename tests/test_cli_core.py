@@ -84,6 +84,7 @@ def test_doctor_ok_and_fail(tmp_path, register_plugin):
     result = CliRunner().invoke(cli, ["-c", good, "doctor"])
     assert result.exit_code == 0, result.output
     assert "token [fake-meta]: accepted" in result.output
+    assert "media: libopus " in result.output  # the codec library the call audio uses
     bad = _write(
         tmp_path,
         {"provider": "meta", "metaPhoneNumberId": "1", "metaAccessToken": "EAAG-bad-token"},

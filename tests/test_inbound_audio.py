@@ -59,11 +59,11 @@ def opus_packets(channels: list[np.ndarray], bit_rate: int = 64000) -> list[RtpP
 class Path:
     """LowLatencyAudioBuffer -> FrameToPcm, recording both the frames and the PCM."""
 
-    def __init__(self) -> None:
+    def __init__(self, decode_rate: int = RATE) -> None:
         self.frames: list[av.AudioFrame] = []
         self.pcm = bytearray()
         self.to_pcm = FrameToPcm(24000)
-        self.buffer = LowLatencyAudioBuffer(self._deliver, max_wait=0.03)
+        self.buffer = LowLatencyAudioBuffer(self._deliver, max_wait=0.03, rate=decode_rate)
 
     def _deliver(self, frame: av.AudioFrame) -> None:
         self.frames.append(frame)
@@ -88,6 +88,45 @@ def test_a_tone_comes_out_as_24khz_mono_at_its_frequency_and_level():
     assert peak_hz(steady, 24000) == pytest.approx(440, abs=3)
     assert amplitude_at(steady, 440, 24000) == pytest.approx(8000, rel=0.1)
     assert path.buffer.stats.frames == len(path.frames) and path.buffer.stats.lost == 0
+
+
+def test_decoding_at_the_backend_rate_leaves_nothing_to_resample():
+    """The production path: libopus decodes straight to 24 kHz and FrameToPcm passes the
+    frames through byte for byte; the tone arrives as at 48 kHz + resampling."""
+    path, reference = Path(decode_rate=24000), Path()
+    packets = opus_packets([sine(440, 1.0)])
+    for packet in packets:
+        path.buffer.add(packet)
+        reference.buffer.add(packet)
+    assert {(f.format.name, f.layout.name, f.sample_rate) for f in path.frames} == {
+        ("s16", "mono", 24000)
+    }
+    assert [f.pts for f in path.frames] == [f.pts for f in reference.frames]  # RTP clock
+    direct = b"".join(bytes(f.planes[0])[: f.samples * 2] for f in path.frames)
+    assert bytes(path.pcm) == direct  # passed through, no filter in between
+    pcm = path.samples()
+    assert len(pcm) == len(packets) * 480  # no resampler delay either
+    assert peak_hz(pcm[4800:], 24000) == pytest.approx(440, abs=3)
+    assert amplitude_at(pcm[4800:], 440, 24000) == pytest.approx(
+        amplitude_at(reference.samples()[4800:], 440, 24000), rel=0.05
+    )
+
+
+def test_a_rate_opus_cannot_decode_to_falls_back_to_48khz():
+    path = Path(decode_rate=44100)
+    for packet in opus_packets([sine(440, 0.2)]):
+        path.buffer.add(packet)
+    assert path.buffer.rate == 48000 and path.frames[0].sample_rate == 48000
+
+
+def test_a_corrupt_packet_is_counted_lost_and_the_stream_goes_on():
+    path = Path(decode_rate=24000)
+    packets = opus_packets([sine(440, 0.2)])
+    packets[3].payload = packets[3]._data = b"\xff\xff\xff"  # a code-3 packet cut short
+    for packet in packets:
+        path.buffer.add(packet)
+    assert path.buffer.stats.lost == 1
+    assert path.buffer.stats.frames == len(packets) - 1
 
 
 def test_stereo_coded_packets_are_mixed_down_to_mono():
@@ -116,8 +155,11 @@ async def test_a_lost_packet_is_concealed_on_the_pcm_timeline():
     assert [f.pts for f in path.frames] == [i * 960 for i in range(len(packets))]
     concealed = path.frames[10]
     assert concealed.layout.name == "mono" and concealed.samples == 960
-    gain = np.abs(concealed.to_ndarray()).max() / np.abs(path.frames[9].to_ndarray()).max()
-    assert gain == pytest.approx(0.5, abs=0.01)  # the previous frame, attenuated
+    # libopus's concealment continues the voice (same pitch, about the same level)
+    samples = concealed.to_ndarray()[0]
+    assert peak_hz(samples, RATE) == pytest.approx(440, abs=30)
+    gain = np.abs(samples).max() / np.abs(path.frames[9].to_ndarray()).max()
+    assert 0.5 < gain < 1.1
     assert np.abs(path.frames[9].to_ndarray()).max() > 6000  # and that frame left intact
     assert len(path.samples()) == pytest.approx(len(packets) * 480, abs=32)
     path.buffer.close()

@@ -89,6 +89,7 @@ async def run_doctor(app: Any, overrides: dict[str, Any] | None = None) -> list[
         )
     )
     if not settings.remote:
+        checks.append(_media_check())
         providers = {n for _, ns in plugin_mod.call_all_sync("provider_names") for n in ns}
         backends = {n for _, ns in plugin_mod.call_all_sync("voice_backend_names") for n in ns}
         if settings.provider and settings.provider not in providers:
@@ -123,6 +124,16 @@ async def run_doctor(app: Any, overrides: dict[str, Any] | None = None) -> list[
                 )
             checks.append(check)
     return checks
+
+
+def _media_check() -> DoctorCheck:
+    """The call audio needs libopus (`media.opus`); say which one a local service uses."""
+    from .media import opus
+
+    try:
+        return DoctorCheck("media", CheckStatus.OK, f"{opus.version()} ({opus.loaded_from()})")
+    except WhatsAppCallError as exc:
+        return DoctorCheck("media", CheckStatus.FAIL, exc.message, exc.hint)
 
 
 async def run_smoke(

@@ -31,8 +31,9 @@ import av
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from whatsapp_call.bridge.playout import SILENCE_DBOV, audio_level_dbov, opus_encoder
+from whatsapp_call.bridge.playout import SILENCE_DBOV, audio_level_dbov
 from whatsapp_call.media import ice
+from whatsapp_call.media.opus import OpusEncoder
 from whatsapp_call.media.peer import opus_only
 from whatsapp_call.media.sdp import offer_problems, whatsapp_answer
 
@@ -209,19 +210,15 @@ def opus_packets(samples: np.ndarray) -> list[tuple[bytes, int]]:
     cached = _encoded.get(key)
     if cached is not None:
         return cached
-    codec = opus_encoder(SAMPLE_RATE, _OPUS_BITRATE)
+    encoder = OpusEncoder(SAMPLE_RATE, bitrate=_OPUS_BITRATE)
     padded = np.zeros(-(-len(samples) // FRAME_SAMPLES) * FRAME_SAMPLES, dtype=np.int16)
     padded[: len(samples)] = samples
     levels, data = [], []
     for i in range(0, len(padded), FRAME_SAMPLES):
         chunk = padded[i : i + FRAME_SAMPLES]
         levels.append(audio_level_dbov(chunk))
-        frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = SAMPLE_RATE
-        frame.pts = i
-        data += [bytes(p) for p in codec.encode(frame)]
-    data += [bytes(p) for p in codec.encode(None)]
-    out = list(zip(data[: len(levels)], levels, strict=False))
+        data.append(encoder.encode(chunk))
+    out = list(zip(data, levels, strict=True))
     _encoded[key] = out
     return out
 

@@ -1,7 +1,7 @@
 """The audio bridge: one call's WebRTC audio <-> one `VoiceSession`, both ways, with metrics.
 
-Inbound: each decoded 48 kHz frame from `media.recv()` is down-mixed and resampled to the
-session's rate and sent at once (20 ms chunks: batching more would only add latency).
+Inbound: each decoded frame from `media.recv()` is brought to PCM16 mono at the session's
+rate (`CallMedia` decodes straight to it when Opus can; otherwise down-mixed and resampled) and sent at once (20 ms chunks: batching more would only add latency).
 Outbound: the session's events drive the `PlayoutTrack` that aiortc's sender pulls from.
 `run()` returns why the call's audio ended: "media_ended", "end_call", "voice_error: ..."
 or "stopped".

@@ -558,8 +558,10 @@ class ActiveCall:
         # Connect to the voice backend before ringing anyone: a bad key must not ring a phone.
         await self.session.start()
         self._mark("voice_ready")
-        self.playout = PlayoutTrack(sample_rate=getattr(self.session, "sample_rate", 24000))
+        rate = getattr(self.session, "sample_rate", 24000)
+        self.playout = PlayoutTrack(sample_rate=rate)
         self.media = CallMedia(
+            inbound_rate=rate,
             ice_servers=await self._ice_servers(),
             host_addresses=self.settings.ice_host_addresses,
             gather_timeout=self.settings.ice_gather_timeout_seconds,

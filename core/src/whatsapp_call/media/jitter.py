@@ -11,12 +11,13 @@ playout, it needs each frame as early as possible and in order. `LowLatencyAudio
 therefore releases a packet the moment it is next in sequence. When one is missing it
 holds the packets behind the gap only as long as gaps on this network have recently taken
 to fill (its reordering depth, learnt from the last 10 s; 20 ms until a first gap was
-seen; at most 100 ms), then skips the missing packet and inserts a short
-concealment frame (the previous frame, attenuated) so the audio timeline stays whole.
+seen; at most 100 ms), then skips the missing packet and has libopus conceal it (its
+packet-loss concealment continues the voice and fades out) so the audio timeline stays whole.
 
-It decodes Opus itself, to mono: a voice backend hears one channel, libopus mixes a
-stereo-coded stream down to it ((L+R)/2) as it decodes, and the resampling to the
-backend's rate then has half the samples to read and no down-mix to do.
+It decodes Opus itself (`media.opus`), to mono and straight to the voice backend's rate
+when Opus can decode to it (24 kHz for OpenAI Realtime): a voice backend hears one
+channel, libopus mixes a stereo-coded stream down to it ((L+R)/2) as it decodes, and the
+bridge then has no resampling left to do.
 
 It is installed per receiver (`install_receive_buffer`), replacing that one receiver's
 buffer object, so other aiortc peers in the same process keep aiortc's behaviour.
@@ -35,12 +36,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import av
-import numpy as np
 from aiortc.rtp import RtpPacket
+
+from .opus import RATES as OPUS_RATES
+from .opus import OpusDecoder, OpusError
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 48_000
+SAMPLE_RATE = 48_000  # the Opus RTP clock, whatever rate we decode to
 TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 # aiortc stores the buffer under this (name-mangled) attribute of RTCRtpReceiver.
 _RECEIVER_ATTR = "_RTCRtpReceiver__jitter_buffer"
@@ -98,12 +101,15 @@ class LowLatencyAudioBuffer:
     it covers them), `initial_wait` before any gap was seen, never more than `max_wait`.
     Event-loop stalls do not inflate it: they delay packets but do not reorder them.
     `max_conceal_frames`: longer gaps are not filled (the timeline then jumps).
+    `rate`: the sample rate of the frames handed on (s16 mono; 48 kHz when Opus cannot
+    decode to the rate asked for); frame `pts` count in the 48 kHz RTP clock either way.
     """
 
     def __init__(
         self,
         deliver: Callable[[av.AudioFrame], None],
         *,
+        rate: int = SAMPLE_RATE,
         initial_wait: float = 0.02,
         margin: float = 0.004,
         max_wait: float = 0.1,
@@ -118,7 +124,8 @@ class LowLatencyAudioBuffer:
         self._memory = memory
         self._max_conceal = max_conceal_frames
         self._clock = clock
-        self._decoder = _opus_decoder()
+        self.rate = rate if rate in OPUS_RATES else SAMPLE_RATE
+        self._decoder = OpusDecoder(self.rate)
         self._fill_delays: deque[tuple[float, float]] = deque(maxlen=64)  # (when, seconds)
         self._pending: dict[int, tuple[RtpPacket, int, float]] = {}
         self._skipped: dict[int, float] = {}  # seq -> when its gap was first seen
@@ -127,8 +134,8 @@ class LowLatencyAudioBuffer:
         self._last_ts: int | None = None  # unwrapped RTP ts of the last frame handed on
         self._last_seq: int | None = None
         self._origin_ts: int | None = None
-        self._frame_samples = 960
-        self._last_frame: av.AudioFrame | None = None  # what concealment repeats
+        self._frame_samples = 960  # RTP clock ticks per packet, as last seen
+        self._decoded = False  # concealment needs a decoded frame to continue from
         self._conceal_run = 0
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
@@ -241,12 +248,14 @@ class LowLatencyAudioBuffer:
 
     def _conceal(self, ts: int) -> None:
         self._conceal_run += 1
-        last = self._last_frame
-        if last is None or self._conceal_run > self._max_conceal:
+        if not self._decoded or self._conceal_run > self._max_conceal:
             return
-        gain = 0.5**self._conceal_run if self._conceal_run <= 4 else 0.0
-        pcm = (last.to_ndarray().astype(np.float32) * gain).astype(np.int16)
-        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout=last.layout.name)
+        samples = self._frame_samples * self.rate // SAMPLE_RATE
+        try:
+            frame = self._decoder.decode(None, samples)
+        except OpusError as exc:
+            log.warning("inbound Opus concealment failed: %s", exc)
+            return
         self._stamp(frame, ts)
         self.stats.concealed += 1
         self._deliver(frame)
@@ -259,33 +268,21 @@ class LowLatencyAudioBuffer:
         self._last_ts, self._last_seq = ts, seq
         data = getattr(packet, "_data", packet.payload)
         try:
-            frames = self._decoder.decode(av.Packet(data))
-        except av.FFmpegError as exc:
+            frame = self._decoder.decode(data)
+        except OpusError as exc:
             log.warning("inbound Opus frame failed to decode: %s", exc)
             self.stats.lost += 1
             return
         self._conceal_run = 0
-        for frame in frames:
-            self._stamp(frame, ts)
-            self._last_frame = frame  # copied only if a packet is lost (frames are not mutated)
-            self.stats.frames += 1
-            self.stats.delays_ms.append((self._clock() - arrival) * 1000)
-            self._deliver(frame)
+        self._decoded = True
+        self._stamp(frame, ts)
+        self.stats.frames += 1
+        self.stats.delays_ms.append((self._clock() - arrival) * 1000)
+        self._deliver(frame)
 
     def _stamp(self, frame: av.AudioFrame, ts: int) -> None:
         frame.pts = ts - (self._origin_ts or 0)
         frame.time_base = TIME_BASE
-        frame.sample_rate = SAMPLE_RATE
-
-
-def _opus_decoder() -> av.CodecContext:
-    """libopus (as aiortc's `OpusDecoder`), but mono: s16 at 48 kHz, the only rate FFmpeg's
-    libopus wrapper outputs."""
-    codec = av.CodecContext.create("libopus", "r")
-    codec.format = "s16"
-    codec.layout = "mono"
-    codec.sample_rate = SAMPLE_RATE
-    return codec
 
 
 class ArrivalTap:

@@ -91,7 +91,9 @@ class CallMedia:
 
     `low_latency_receive` (default on) replaces aiortc's audio jitter buffer on this
     connection only with `LowLatencyAudioBuffer` (see `media.jitter`), cutting ~80 ms off
-    everything the caller says. `timings` holds `time.monotonic()` of each milestone.
+    everything the caller says, and decodes at `inbound_rate` (the voice backend's: the
+    bridge then has nothing to resample) when Opus can (8/12/16/24/48 kHz; else 48 kHz).
+    `timings` holds `time.monotonic()` of each milestone.
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class CallMedia:
         dead_peer_seconds: float = 10.0,
         low_latency_receive: bool = True,
         max_inbound_frames: int = 500,
+        inbound_rate: int = 48000,
     ) -> None:
         self._ice_servers = rtc_ice_servers(ice_servers)
         self.host_addresses = (
@@ -112,6 +115,7 @@ class CallMedia:
         self.gather_timeout = gather_timeout
         self.dead_peer_seconds = dead_peer_seconds
         self.low_latency_receive = low_latency_receive
+        self.inbound_rate = inbound_rate
         self._outbound_track = outbound_track
         self._max_inbound = max_inbound_frames
         self.ended = asyncio.Event()
@@ -250,7 +254,8 @@ class CallMedia:
         )
 
     async def recv(self) -> av.AudioFrame:
-        """The next decoded inbound frame (48 kHz, s16). Raises `MediaError` once the call
+        """The next decoded inbound frame (s16; mono at `inbound_rate` with our receive path,
+        48 kHz stereo with aiortc's). Raises `MediaError` once the call
         media has ended (dead peer, failure, close) and every received frame was read."""
         if self._inbound.empty() and self.ended.is_set():
             raise self._ended_error()
@@ -318,7 +323,7 @@ class CallMedia:
     def _install_receive_path(self) -> None:
         receiver = self._transceiver.receiver
         if self.low_latency_receive:
-            buffer = LowLatencyAudioBuffer(self._deliver)
+            buffer = LowLatencyAudioBuffer(self._deliver, rate=self.inbound_rate)
             try:
                 install_receive_buffer(receiver, buffer)
                 self._buffer = buffer
