@@ -93,6 +93,8 @@ async def test_completed_call_carries_audio_both_ways(provider, providers, make_
     turns = metrics["audio"]["turns"]
     assert turns and all(0 < t["response_latency_ms"] < 3000 for t in turns), turns
     assert metrics["inbound_audio"], metrics
+    fast = metrics["inbound_audio"]["rtp_fast_path"]  # the call's RTP went the short way
+    assert fast["packets"] > 50 and fast["sent_packets"] > 50 and fast["srtp_errors"] == 0, fast
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

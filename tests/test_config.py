@@ -57,6 +57,7 @@ EVERY_KEY = {
     "iceHostAddresses": ["127.0.0.1"],
     "iceGatherTimeoutSeconds": 2,
     "deadPeerSeconds": 7,
+    "rtpFastPath": False,
     "webhookUrl": "https://example.com/webhooks/meta",
     "serviceUrl": "http://127.0.0.1:1",
     "serviceToken": "service-token-value",

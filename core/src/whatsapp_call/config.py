@@ -133,6 +133,11 @@ class Settings(BaseModel):
     dead_peer_seconds: float = Field(
         10.0, gt=0, le=60, description="End a call after this long without audio from the caller."
     )
+    rtp_fast_path: bool = Field(
+        True,
+        description="Send and receive call RTP through our short path under aiortc (less CPU "
+        "per call); false keeps aiortc's own path.",
+    )
 
     # Service
     webhook_url: str | None = Field(None, description="Public HTTPS URL of the webhook.")

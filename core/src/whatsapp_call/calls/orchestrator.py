@@ -567,6 +567,7 @@ class ActiveCall:
             gather_timeout=self.settings.ice_gather_timeout_seconds,
             outbound_track=self.playout,
             dead_peer_seconds=self.settings.dead_peer_seconds,
+            rtp_fast_path=self.settings.rtp_fast_path,
         )
         self.service._metric("media_started", self.call.id, self.playout, self.media)
         offer = await self.media.create_offer()

@@ -36,7 +36,7 @@ from aiortc.rtcicetransport import parse_stun_turn_uri
 
 from ..errors import ConfigError, MediaError
 from ..models import IceServer
-from . import ice
+from . import ice, rtp_fast
 from .jitter import ArrivalTap, LowLatencyAudioBuffer, install_receive_buffer
 from .sdp import validate_answer, whatsapp_offer
 from .sender import carry_audio_level
@@ -93,6 +93,8 @@ class CallMedia:
     connection only with `LowLatencyAudioBuffer` (see `media.jitter`), cutting ~80 ms off
     everything the caller says, and decodes at `inbound_rate` (the voice backend's: the
     bridge then has nothing to resample) when Opus can (8/12/16/24/48 kHz; else 48 kHz).
+    `rtp_fast_path` (default on) moves this call's RTP through `media.rtp_fast` once DTLS
+    is up: about half of aiortc's per-packet CPU, same bytes on the wire.
     `timings` holds `time.monotonic()` of each milestone.
     """
 
@@ -107,6 +109,7 @@ class CallMedia:
         low_latency_receive: bool = True,
         max_inbound_frames: int = 500,
         inbound_rate: int = 48000,
+        rtp_fast_path: bool = True,
     ) -> None:
         self._ice_servers = rtc_ice_servers(ice_servers)
         self.host_addresses = (
@@ -116,6 +119,7 @@ class CallMedia:
         self.dead_peer_seconds = dead_peer_seconds
         self.low_latency_receive = low_latency_receive
         self.inbound_rate = inbound_rate
+        self.rtp_fast_path = rtp_fast_path
         self._outbound_track = outbound_track
         self._max_inbound = max_inbound_frames
         self.ended = asyncio.Event()
@@ -125,6 +129,7 @@ class CallMedia:
         self._pc: RTCPeerConnection | None = None
         self._transceiver: Any = None
         self._buffer: LowLatencyAudioBuffer | ArrivalTap | None = None
+        self.rtp_fast: rtp_fast.RtpFast | None = None  # RTP fast paths, once DTLS is up
         self._inbound: asyncio.Queue[av.AudioFrame | None] = asyncio.Queue()
         self._connected = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -163,6 +168,7 @@ class CallMedia:
         out: dict[str, Any] = {"dropped_unread": self.dropped_unread}
         if isinstance(self._buffer, LowLatencyAudioBuffer):
             out.update(self._buffer.stats.summary())
+        out["rtp_fast_path"] = self.rtp_fast.counts() if self.rtp_fast else None
         return out
 
     # -- the call ------------------------------------------------------------------------
@@ -353,6 +359,8 @@ class CallMedia:
         def _dtls() -> None:
             if dtls.state == "connected":
                 self.timings.setdefault("dtls_connected", time.monotonic())
+                if self.rtp_fast_path:
+                    self.rtp_fast = rtp_fast.install(self._transceiver, self._buffer)
                 self._connected.set()
             elif dtls.state == "failed":
                 self._end("dtls_failed")
