@@ -19,11 +19,12 @@ Measured over a window after all calls are connected and warmed up:
 
     .venv/bin/python -m bench.bridge_bench [--calls 1 5 10] [--seconds 10] [--modes bare frames opus]
 
-Modes: "opus" = the production path (`CallMedia` with our receive buffer, `PlayoutTrack`
-encoding Opus itself, as calls run); "frames" = the same with PlayoutTrack(encoded=False)
-handing aiortc 48 kHz frames (aiortc encodes) and inbound audio decoded at 48 kHz and resampled
-to 24 kHz (the design before `media.opus`); "bare" = no bridge at all (a plain aiortc
-peer: a silence track out, inbound frames decoded by aiortc and drained), the floor.
+Modes: "opus" = the production path (`CallMedia` with our receive buffer decoding to 24 kHz,
+the RTP fast path, `PlayoutTrack` encoding Opus itself, as calls run); "frames" = the naive
+design: PlayoutTrack(encoded=False) handing aiortc 48 kHz frames (aiortc encodes), inbound audio
+decoded at 48 kHz and resampled to 24 kHz, aiortc's own RTP path; "bare" = no bridge at all
+(a plain aiortc peer: a silence track out, inbound frames decoded by aiortc and drained), the
+floor.
 
 Writes bench/results/bridge_bench-<time>.json.
 """
@@ -341,10 +342,12 @@ async def run_once(
                 media = _Drain(await remote)
             else:  # the production path: CallMedia (our receive buffer) + PlayoutTrack
                 playout = PlayoutTrack(encoded=(mode == "opus"))
-                media = CallMedia(  # "frames" decodes at 48 kHz and resamples, as before
+                shipped = mode == "opus"  # "frames": the design before media.opus/rtp_fast
+                media = CallMedia(
                     host_addresses=LOOPBACK,
                     outbound_track=playout,
-                    inbound_rate=24000 if mode == "opus" else 48000,
+                    inbound_rate=24000 if shipped else 48000,
+                    rtp_fast_path=shipped,
                 )
                 offer = await media.create_offer()
                 _, _, answer = await _ask(pipes[i % len(pipes)], ("offer", i, offer))

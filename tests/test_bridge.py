@@ -421,6 +421,24 @@ async def test_encoded_mode_emits_opus_packets_that_decode_to_the_tone():
     assert track.played_ms("item_a") == 400
 
 
+async def test_recv_opus_gives_the_same_packets_without_the_av_packet():
+    """What media.rtp_fast sends from: the same paced packets and timestamps as recv()."""
+    pcm = tone(1000, 200).tobytes()
+    one, other = PlayoutTrack(encoded=True), PlayoutTrack(encoded=True)
+    one.write(pcm, "item_a")
+    other.write(pcm, "item_a")
+    async with asyncio.timeout(5):
+        for i in range(15):
+            packet = await one.recv()
+            data, rtp_time = await other.recv_opus()
+            assert isinstance(data, bytes) and data == bytes(packet)
+            assert rtp_time == packet.pts == i * 960
+            assert other.audio_level == one.audio_level
+    assert other.played_ms("item_a") == one.played_ms("item_a") == 200
+    with pytest.raises(MediaError, match="encoded mode"):
+        await PlayoutTrack(encoded=False).recv_opus()
+
+
 # ---- resampling --------------------------------------------------------------------------
 
 

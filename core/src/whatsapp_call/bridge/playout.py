@@ -218,33 +218,56 @@ class PlayoutTrack(MediaStreamTrack):
     # ---- aiortc side ---------------------------------------------------------------------
 
     async def recv(self) -> av.AudioFrame | av.Packet:
+        """aiortc's track interface: the next paced frame (an Opus `av.Packet` in encoded
+        mode, a 48 kHz `av.AudioFrame` otherwise)."""
+        await self._pace()
+        out = self._timed_next()
+        if self.encoded:
+            return self._packet(out, self._index * RTP_FRAME)  # type: ignore[arg-type]
+        return out  # type: ignore[return-value]
+
+    async def recv_opus(self) -> tuple[bytes, int]:
+        """Encoded mode: the next paced Opus packet and its RTP timestamp (48 kHz clock),
+        with `audio_level` set, and no `av.Packet` around it (`media.rtp_fast` sends it
+        as it is; aiortc would only unwrap it again)."""
+        if not self.encoded:
+            raise MediaError(
+                "recv_opus() needs a PlayoutTrack in encoded mode.", "Use recv() for frames."
+            )
+        await self._pace()
+        return self._timed_next(), self._index * RTP_FRAME  # type: ignore[return-value]
+
+    async def _pace(self) -> None:
+        """Wait until the next frame is due on the media clock; skip frames when too late."""
         if self.readyState != "live":
             raise MediaStreamError
         now = time.monotonic()
         if self._start is None:
             self._start = now
             self.first_frame_at = now
-        else:
-            self._index += 1
-            behind = now - (self._start + self._index * PTIME)
-            if behind < 0:
-                await asyncio.sleep(-behind)
-                if self.readyState != "live":
-                    raise MediaStreamError
-            elif behind > PTIME / 2:
-                self.late_frames += 1
-                if behind >= self.max_lag:
-                    skip = int(behind / PTIME)
-                    self._index += skip
-                    self.dropped_frames += skip
-                    self._consume(skip * self._frame_samples, None)
-                    log.debug("playout fell %.0f ms behind: skipped %d frames", behind * 1e3, skip)
-        t0 = time.perf_counter()
-        frame = self._next_frame()
-        self.frame_us.add((time.perf_counter() - t0) * 1e6)
-        return frame
+            return
+        self._index += 1
+        behind = now - (self._start + self._index * PTIME)
+        if behind < 0:
+            await asyncio.sleep(-behind)
+            if self.readyState != "live":
+                raise MediaStreamError
+        elif behind > PTIME / 2:
+            self.late_frames += 1
+            if behind >= self.max_lag:
+                skip = int(behind / PTIME)
+                self._index += skip
+                self.dropped_frames += skip
+                self._consume(skip * self._frame_samples, None)
+                log.debug("playout fell %.0f ms behind: skipped %d frames", behind * 1e3, skip)
 
-    def _next_frame(self) -> av.AudioFrame | av.Packet:
+    def _timed_next(self) -> av.AudioFrame | bytes:
+        t0 = time.perf_counter()
+        out = self._next_frame()
+        self.frame_us.add((time.perf_counter() - t0) * 1e6)
+        return out
+
+    def _next_frame(self) -> av.AudioFrame | bytes:
         buf = self._buf
         item = None
         has_audio = self._queued > 0
@@ -283,7 +306,7 @@ class PlayoutTrack(MediaStreamTrack):
         self.frames += 1
         pts = self._index * RTP_FRAME
         if self.encoded:
-            return self._encode(buf, has_audio, pts)
+            return self._encode(buf, has_audio)
         if not has_audio:
             buf[:] = 0
         frame = av.AudioFrame(format="s16", layout="mono", samples=RTP_FRAME)
@@ -313,12 +336,12 @@ class PlayoutTrack(MediaStreamTrack):
         self._queued -= got
         return got
 
-    def _encode(self, buf: np.ndarray, has_audio: bool, pts: int) -> av.Packet:
+    def _encode(self, buf: np.ndarray, has_audio: bool) -> bytes:
         if not has_audio:
             self._silent_run += 1
             self.audio_level = SILENCE_DBOV
             if self._silence_packet is not None and self._silent_run > _SILENCE_SETTLE_FRAMES:
-                return self._packet(self._silence_packet, pts)
+                return self._silence_packet
             buf[:] = 0
         else:
             self._silent_run = 0
@@ -326,7 +349,7 @@ class PlayoutTrack(MediaStreamTrack):
         data = self._encoder.encode(buf)
         if self._silent_run == _SILENCE_SETTLE_FRAMES:
             self._silence_packet = data  # the encoder's own steady-state silence
-        return self._packet(data, pts)
+        return data
 
     @staticmethod
     def _packet(data: bytes, pts: int) -> av.Packet:

@@ -12,9 +12,10 @@ aiortc way, so RTCP BYE and DTLS close still end the call. Kept from aiortc: the
 per-SSRC `StreamStatistics` (what its RTCP receiver reports say), its active-source table,
 the DTLS transport's rx counters; SRTP failures (bad auth, replays) are dropped and counted.
 
-Send: aiortc's sender still fetches each frame (track, packing, `carry_audio_level`) and
-sends the RTCP sender reports; `FastSend` replaces only the per-packet part of its loop
-(packet object, header-extension serialising, four awaits down to aioice's `sendto`).
+Send: aiortc's sender still sends the RTCP sender reports and, for other tracks, fetches each
+frame (track, packing, `carry_audio_level`); `FastSend` replaces the per-packet part of its loop
+(packet object, header-extension serialising, four awaits down to aioice's `sendto`), and takes
+our encoded `PlayoutTrack`'s packets straight from `recv_opus()` (no `av.Packet` to unwrap).
 
 Both are installed per call when DTLS connects (the SRTP sessions exist from then on, and
 aiortc starts the sender right after). They read aiortc 1.16 / aioice 0.13 internals; if
@@ -380,16 +381,25 @@ class FastSend:
         origin = struct.unpack("!L", os.urandom(4))[0]
         try:
             while True:
-                if sender.track is None:
+                track = sender.track
+                if track is None:
                     await asyncio.sleep(0.02)
                     continue
-                frame = await sender._next_encoded_frame(codec)
-                if frame is None:
-                    continue
-                timestamp = (origin + frame.timestamp) & 0xFFFFFFFF
-                last = len(frame.payloads) - 1
-                for i, payload in enumerate(frame.payloads):
-                    head, ext = self._header_parts(frame.audio_level, 1 if i == last else 0)
+                if getattr(track, "encoded", False) and hasattr(track, "recv_opus"):
+                    # our PlayoutTrack: the packet as it is, no av.Packet to unwrap
+                    payload, rtp_time = await track.recv_opus()
+                    if not sender._enabled:
+                        continue  # aiortc's rule: keep reading the track, send nothing
+                    payloads, level = (payload,), track.audio_level
+                else:
+                    frame = await sender._next_encoded_frame(codec)
+                    if frame is None:
+                        continue
+                    payloads, rtp_time, level = frame.payloads, frame.timestamp, frame.audio_level
+                timestamp = (origin + rtp_time) & 0xFFFFFFFF
+                last = len(payloads) - 1
+                for i, payload in enumerate(payloads):
+                    head, ext = self._header_parts(level, 1 if i == last else 0)
                     data = head + pack(sequence_number, timestamp, ssrc) + ext + payload
                     if dtls._state is not connected:
                         raise ConnectionError("Cannot send encrypted RTP, not connected")
