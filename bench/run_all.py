@@ -216,7 +216,8 @@ def render(s: dict[str, Any], versions: dict[str, Any], info: dict[str, Any]) ->
     if s.get("limits"):
         lines += ["", "what limits the targets not met:"]
         lines += [f"  {name}: {why}" for name, why in s["limits"].items()]
-    if any(v != "met" for v in s["targets"].values()) and (prof := profile_summary()):
+    cpu_missed = any(v != "met" for k, v in s["targets"].items() if k.startswith("cpu/"))
+    if cpu_missed and (prof := profile_summary()):  # a CPU profile explains CPU targets only
         lines += ["", prof]
     return "\n".join(lines)
 
