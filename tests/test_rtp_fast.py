@@ -372,10 +372,10 @@ async def test_the_fast_path_is_counted_in_the_record_and_can_be_switched_off():
                 await media.recv()
             counts = media.inbound_stats()["rtp_fast_path"]
             if enabled:
+                fast = media.rtp_fast
                 await wait_for(
-                    lambda: (
-                        media.rtp_fast.counts()["packets"] >= 5
-                        and media.rtp_fast.counts()["sent_packets"] >= 5
+                    lambda fast=fast: (
+                        fast.counts()["packets"] >= 5 and fast.counts()["sent_packets"] >= 5
                     )
                 )
                 counts = media.inbound_stats()["rtp_fast_path"]
