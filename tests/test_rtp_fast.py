@@ -39,6 +39,19 @@ async def connect(user: SimulatedUser, **media_kwargs) -> CallMedia:
     return media
 
 
+@contextlib.asynccontextmanager
+async def connected(user: SimulatedUser, **media_kwargs):
+    """A connected CallMedia to `user`; both are closed afterwards, whatever happens."""
+    media = None
+    try:
+        media = await connect(user, **media_kwargs)
+        yield media
+    finally:
+        if media:
+            await media.close()
+        await user.close()
+
+
 async def wait_for(predicate, timeout: float = 5.0, step: float = 0.01) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():  # noqa: ASYNC110
@@ -137,9 +150,7 @@ def raw_rtp(
 
 async def test_inbound_packets_take_the_fast_path_with_aiortcs_payloads_and_headers():
     user = SimulatedUser("15550201", UserScript((Say("hello"),)), light_media=True)
-    media = None
-    try:
-        media = await connect(user)
+    async with connected(user) as media:
         assert media.rtp_fast.receive is not None and media.rtp_fast.send is not None
         sent = tap_user_rtp(user)
         seen = tap_buffer(media)
@@ -167,17 +178,11 @@ async def test_inbound_packets_take_the_fast_path_with_aiortcs_payloads_and_head
         transport = (await media.pc.getStats()).values()
         received = [s.packetsReceived for s in transport if s.type == "transport"]
         assert received and received[0] >= fast.packets
-    finally:
-        if media:
-            await media.close()
-        await user.close()
 
 
 async def test_the_fast_parser_reads_csrcs_extensions_and_padding_and_drops_the_bad():
     user = SimulatedUser("15550202", UserScript.silent(), light_media=True)
-    media = None
-    try:
-        media = await connect(user)
+    async with connected(user) as media:
         await wait_for(lambda: media._buffer.stats.packets > 3)
         ssrc, pt, seq, ts = await silence_the_user(media, user)
         seen = tap_buffer(media)
@@ -206,17 +211,11 @@ async def test_the_fast_parser_reads_csrcs_extensions_and_padding_and_drops_the_
             assert fields == [parsed.sequence_number, parsed.timestamp, parsed.ssrc, pt]
             assert payload == parsed.payload
         assert fast.malformed == 1 and fast.srtp_errors == 2 and fast.errors == 0
-    finally:
-        if media:
-            await media.close()
-        await user.close()
 
 
 async def test_loss_and_reordering_through_the_fast_path_are_handled_by_the_buffer():
     user = SimulatedUser("15550203", UserScript.silent(), light_media=True)
-    media = None
-    try:
-        media = await connect(user)
+    async with connected(user) as media:
         await wait_for(lambda: media._buffer.stats.packets > 3)
         ssrc, pt, seq, ts = await silence_the_user(media, user)
         frames: list = []
@@ -243,17 +242,11 @@ async def test_loss_and_reordering_through_the_fast_path_are_handled_by_the_buff
         )
         pts = [f.pts for f in frames]
         assert len(frames) == 12 and np.all(np.diff(pts) == 960)
-    finally:
-        if media:
-            await media.close()
-        await user.close()
 
 
 async def test_our_rtcp_receiver_reports_still_tell_the_truth():
     user = SimulatedUser("15550204", UserScript((Say("hello"),)), light_media=True)
-    media = None
-    try:
-        media = await connect(user)
+    async with connected(user) as media:
         sender = user_sender(user)
         sent = tap_user_rtp(user)
         reports = []
@@ -272,27 +265,17 @@ async def test_our_rtcp_receiver_reports_still_tell_the_truth():
         assert last.highest_sequence & 0xFFFF in sent_seqs  # our receiver saw the live stream
         assert (last.highest_sequence - reports[0].highest_sequence) % 65536 > 0
         assert last.packets_lost == 0 and last.fraction_lost == 0
-    finally:
-        if media:
-            await media.close()
-        await user.close()
 
 
 async def test_an_rtcp_bye_still_ends_the_call_media():
     user = SimulatedUser("15550205", UserScript.silent(), light_media=True)
-    media = None
-    try:
-        media = await connect(user, dead_peer_seconds=30)
+    async with connected(user, dead_peer_seconds=30) as media:
         await wait_for(lambda: media.rtp_fast.receive.packets > 5)
         sender = user_sender(user)
         await sender._send_rtcp([RtcpByePacket(sources=[sender._ssrc])])  # BYE alone
         async with asyncio.timeout(3):
             await media.ended.wait()
         assert media.end_reason == "closed"
-    finally:
-        if media:
-            await media.close()
-        await user.close()
 
 
 # -- fallback ---------------------------------------------------------------------------------
@@ -326,9 +309,7 @@ async def test_unexpected_aiortc_internals_leave_aiortcs_paths_with_one_warning(
 
 async def test_uninstalling_gives_the_socket_back_to_aiortc():
     user = SimulatedUser("15550210", UserScript.silent(), light_media=True)
-    media = None
-    try:
-        media = await connect(user)
+    async with connected(user) as media:
         receive = media.rtp_fast.receive
         await wait_for(lambda: receive.packets > 3)
         protocol, _ = our_protocol(media)
@@ -338,25 +319,15 @@ async def test_uninstalling_gives_the_socket_back_to_aiortc():
         seen = tap_buffer(media)
         await wait_for(lambda: len(seen) >= 5)
         assert {kind for kind, *_ in seen} == {"RtpPacket"}  # parsed and routed by aiortc
-    finally:
-        if media:
-            await media.close()
-        await user.close()
 
 
 async def test_aiortcs_own_buffer_keeps_aiortcs_receive_path():
     user = SimulatedUser("15550207", UserScript.silent(), light_media=True)
-    media = None
-    try:
-        media = await connect(user, low_latency_receive=False)
+    async with connected(user, low_latency_receive=False) as media:
         assert media.rtp_fast.receive is None and media.rtp_fast.send is not None
         async with asyncio.timeout(5):
             await media.recv()  # decoded by aiortc, as before
         assert not isinstance(media._buffer, LowLatencyAudioBuffer)
-    finally:
-        if media:
-            await media.close()
-        await user.close()
 
 
 async def test_the_fast_path_is_counted_in_the_record_and_can_be_switched_off():
@@ -396,9 +367,7 @@ async def test_the_fast_path_is_counted_in_the_record_and_can_be_switched_off():
 async def test_sent_packets_are_what_aiortc_would_serialize_and_the_user_hears_them():
     track = PlayoutTrack(sample_rate=48000)
     user = SimulatedUser("15550208", UserScript.silent())
-    media = None
-    try:
-        media = await connect(user, outbound_track=track)
+    async with connected(user, outbound_track=track) as media:
         fast = media.rtp_fast.send
         assert fast is not None
         await wait_for(lambda: fast.running)
@@ -464,28 +433,18 @@ async def test_sent_packets_are_what_aiortc_would_serialize_and_the_user_hears_t
         assert 0 <= fast.packets - stats[0].packetsSent <= 2  # a packet may leave meanwhile
         assert sender._RTCRtpSender__packet_count == fast.packets
         assert aiortc_fetches == [] and track.frames >= fast.packets  # via recv_opus()
-    finally:
-        if media:
-            await media.close()
-        await user.close()
 
 
 async def test_closing_stops_the_send_loop_and_the_user_notices():
     track = PlayoutTrack(sample_rate=48000)
     user = SimulatedUser("15550209", UserScript.silent(), light_media=True)
-    media = None
-    try:
-        media = await connect(user, outbound_track=track)
+    async with connected(user, outbound_track=track) as media:
         await wait_for(lambda: media.rtp_fast.send.packets > 5)
         async with asyncio.timeout(5):
             await media.close()
         assert not media.rtp_fast.send.running and track.readyState == "ended"
         async with asyncio.timeout(5):
             await user.ended.wait()
-    finally:
-        if media:
-            await media.close()
-        await user.close()
 
 
 # -- through a TURN relay ---------------------------------------------------------------------
