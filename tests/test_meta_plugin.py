@@ -40,6 +40,7 @@ from whatsapp_call.models import (
     WebhookRequest,
 )
 from whatsapp_call.phone import parse_phone
+from whatsapp_call.providers import http as http_mod
 from whatsapp_call.providers.http import ClientPool, RateLimiter, parse_retry_after
 from whatsapp_call.serving import serve_asgi
 from whatsapp_call_meta import client as meta_client
@@ -1014,6 +1015,17 @@ async def test_hooks_answer_only_for_provider_meta(graph):
     ):
         assert await plugin_mod.call_first(hook, call=a_call(), settings=settings, **extra) is None
     assert graph.seen == []
+
+
+def test_retry_backoff_is_full_jitter_and_leaves_the_global_random_alone():
+    import random
+
+    state = random.getstate()
+    for attempt, ceiling in ((1, 0.25), (2, 0.5), (4, 2.0), (6, 8.0), (12, 8.0)):
+        delays = [http_mod._backoff(attempt) for _ in range(200)]
+        assert all(0 <= d <= ceiling for d in delays)
+        assert max(delays) > ceiling / 2  # spread over the range, not a fixed step
+    assert random.getstate() == state  # hypothesis and the app keep their random state
 
 
 def test_retry_after_accepts_seconds_and_http_dates():

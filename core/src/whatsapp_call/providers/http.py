@@ -17,6 +17,7 @@ import asyncio
 import email.utils
 import json
 import logging
+import random
 import ssl
 import time
 import weakref
@@ -36,6 +37,16 @@ if TYPE_CHECKING:
     from tenacity import RetryCallState
 
 log = logging.getLogger(__name__)
+
+_jitter = random.Random()  # the retry jitter's own generator; the global one is the app's
+
+
+def _backoff(attempt: int) -> float:
+    """Full-jitter exponential backoff before retry `attempt` + 1: uniform in
+    [0, min(8 s, 0.25 s * 2^(attempt - 1))] (tenacity's `wait_random_exponential`, drawn
+    from our own generator so retries never disturb the global `random` state)."""
+    return _jitter.uniform(0, min(8.0, 0.25 * 2 ** (attempt - 1)))
+
 
 USER_AGENT = f"whatsapp-call/{__version__}"
 _tls: ssl.SSLContext | None = None
@@ -216,10 +227,8 @@ async def send(
             raise error_from_response(response)
         return response
 
-    backoff = tenacity.wait_random_exponential(multiplier=0.25, max=8.0)
-
     def wait(retry_state: RetryCallState) -> float:
-        delay = backoff(retry_state)
+        delay = _backoff(retry_state.attempt_number)
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         if isinstance(exc, _Retryable) and exc.retry_after is not None:
             return exc.retry_after
