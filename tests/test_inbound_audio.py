@@ -11,6 +11,7 @@ import pytest
 from aiortc.rtp import RtpPacket
 from whatsapp_call.bridge.resample import FrameToPcm
 from whatsapp_call.media.jitter import LowLatencyAudioBuffer
+from whatsapp_call.media.opus import OpusEncoder
 
 RATE = 48000
 
@@ -163,6 +164,33 @@ async def test_a_lost_packet_is_concealed_on_the_pcm_timeline():
     assert np.abs(path.frames[9].to_ndarray()).max() > 6000  # and that frame left intact
     assert len(path.samples()) == pytest.approx(len(packets) * 480, abs=32)
     path.buffer.close()
+
+
+@pytest.mark.parametrize("fec", [True, False])
+async def test_a_lost_packet_is_rebuilt_from_the_next_packets_fec(fec):
+    """A caller that sends in-band FEC (our offer asks for it): the lost frame comes back
+    from the packet after it; without FEC in that packet, libopus conceals it."""
+    encoder = OpusEncoder(48000, fec_loss_percent=10 if fec else 0)
+    tone = sine(440, 0.4)
+    packets = []
+    for i in range(len(tone) // 960):
+        packet = RtpPacket(payload_type=111, sequence_number=100 + i, timestamp=i * 960)
+        packet.payload = packet._data = encoder.encode(tone[i * 960 : (i + 1) * 960])
+        packets.append(packet)
+    path = Path(decode_rate=24000)
+    for packet in packets[:10]:
+        path.buffer.add(packet)
+    for packet in packets[11:13]:  # packet 10 never comes
+        path.buffer.add(packet)
+    await asyncio.sleep(0.06)  # past the buffer's wait
+    for packet in packets[13:]:
+        path.buffer.add(packet)
+    path.buffer.close()
+    stats = path.buffer.stats
+    assert stats.lost == 1 and stats.concealed == 1 and stats.fec_recovered == int(fec)
+    rebuilt = path.frames[10].to_ndarray()[0]
+    assert rebuilt.shape == (480,) and peak_hz(rebuilt, 24000) == pytest.approx(440, abs=60)
+    assert [f.pts for f in path.frames] == [i * 960 for i in range(len(packets))]
 
 
 @pytest.mark.parametrize("layout", ["mono", "stereo"])

@@ -95,6 +95,18 @@ def test_whatsapp_offer_rewrites_aiortc_style_offer():
     assert info.audio[0].formats == ("96",)
     assert "a=rtcp-fb:0" not in out and "PCMU" not in out
     assert out.endswith("\r\n") and "\n" not in out.replace("\r\n", "")
+    # we ask the caller for in-band FEC, which our receive buffer rebuilds lost packets from
+    assert out.count("a=fmtp:96 minptime=10;useinbandfec=1\r\n") == 1
+
+
+def test_whatsapp_offer_keeps_opus_parameters_the_stack_wrote():
+    offer = sample_offer().replace(
+        "a=rtpmap:96 opus/48000/2\r\n", "a=rtpmap:96 opus/48000/2\r\na=fmtp:96 stereo=1\r\n"
+    )
+    out = whatsapp_offer(offer)
+    assert [line for line in out.split("\r\n") if line.startswith("a=fmtp")] == [
+        "a=fmtp:96 stereo=1"
+    ]
 
 
 @pytest.mark.parametrize(

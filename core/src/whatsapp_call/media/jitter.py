@@ -11,8 +11,10 @@ playout, it needs each frame as early as possible and in order. `LowLatencyAudio
 therefore releases a packet the moment it is next in sequence. When one is missing it
 holds the packets behind the gap only as long as gaps on this network have recently taken
 to fill (its reordering depth, learnt from the last 10 s; 20 ms until a first gap was
-seen; at most 100 ms), then skips the missing packet and has libopus conceal it (its
-packet-loss concealment continues the voice and fades out) so the audio timeline stays whole.
+seen; at most 100 ms), then skips the missing packet and fills its place so the audio
+timeline stays whole: from the next packet's in-band FEC when the caller's encoder sends it
+(our offer says `useinbandfec=1`; the frame comes back at ~10 dB SNR instead of ~1), else
+with libopus's packet-loss concealment (it continues the voice and fades out).
 
 It decodes Opus itself (`media.opus`), to mono and straight to the voice backend's rate
 when Opus can decode to it (24 kHz for OpenAI Realtime): a voice backend hears one
@@ -57,6 +59,7 @@ class InboundAudioStats:
     packets: int = 0
     frames: int = 0  # decoded frames delivered
     concealed: int = 0  # frames synthesised for lost packets
+    fec_recovered: int = 0  # of those, rebuilt from the next packet's in-band FEC
     lost: int = 0  # packets skipped because they had not arrived by their deadline
     late: int = 0  # packets that arrived after they were skipped (dropped)
     duplicates: int = 0
@@ -67,7 +70,16 @@ class InboundAudioStats:
         """A flat dict for metrics: counts and p50/p95/p99 of the stack delay in ms."""
         out: dict[str, Any] = {
             k: getattr(self, k)
-            for k in ("packets", "frames", "concealed", "lost", "late", "duplicates", "resyncs")
+            for k in (
+                "packets",
+                "frames",
+                "concealed",
+                "fec_recovered",
+                "lost",
+                "late",
+                "duplicates",
+                "resyncs",
+            )
         }
         delays = sorted(self.delays_ms)
         for q in (50, 95, 99):
@@ -243,16 +255,27 @@ class LowLatencyAudioBuffer:
             for old in [s for s in self._skipped if s < seq - 256]:
                 del self._skipped[old]
         if self._last_ts is not None and self._last_seq is not None:
-            self._conceal(self._last_ts + (seq - self._last_seq) * self._frame_samples)
+            following = self._pending.get(seq + 1)  # its in-band FEC may hold this frame
+            self._conceal(
+                self._last_ts + (seq - self._last_seq) * self._frame_samples,
+                None if following is None else getattr(following[0], "_data", following[0].payload),
+            )
         self._next_seq = seq + 1
 
-    def _conceal(self, ts: int) -> None:
+    def _conceal(self, ts: int, following: bytes | None = None) -> None:
+        """Fill a lost frame: from the in-band FEC of the `following` packet when it is here
+        and carries some (the caller's encoder sends it when our offer says useinbandfec=1),
+        else libopus's packet-loss concealment."""
         self._conceal_run += 1
         if not self._decoded or self._conceal_run > self._max_conceal:
             return
         samples = self._frame_samples * self.rate // SAMPLE_RATE
         try:
-            frame = self._decoder.decode(None, samples)
+            if following is not None and self._decoder.has_fec(following) is not False:
+                frame = self._decoder.decode(following, samples, fec=True)
+                self.stats.fec_recovered += bool(self._decoder.has_fec(following))
+            else:
+                frame = self._decoder.decode(None, samples)
         except OpusError as exc:
             log.warning("inbound Opus concealment failed: %s", exc)
             return

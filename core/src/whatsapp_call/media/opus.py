@@ -28,6 +28,8 @@ RATES = (8000, 12000, 16000, 24000, 48000)  # what libopus encodes from and deco
 _APPLICATIONS = {"voip": 2048, "audio": 2049, "lowdelay": 2051}
 _SET_BITRATE = 4002
 _SET_COMPLEXITY = 4010
+_SET_INBAND_FEC = 4012
+_SET_PACKET_LOSS_PERC = 4014
 _MAX_PACKET = 1500  # bytes: one RTP payload
 _MAX_FRAME_MS = 120  # the longest Opus packet
 
@@ -79,6 +81,9 @@ def libopus() -> ctypes.CDLL:
     lib.opus_packet_get_nb_samples.argtypes = [ctypes.c_char_p, ctypes.c_int32, ctypes.c_int32]
     lib.opus_strerror.restype = ctypes.c_char_p
     lib.opus_strerror.argtypes = [c_int]
+    if hasattr(lib, "opus_packet_has_lbrr"):  # libopus 1.5+
+        lib.opus_packet_has_lbrr.restype = c_int
+        lib.opus_packet_has_lbrr.argtypes = [ctypes.c_char_p, ctypes.c_int32]
     return lib
 
 
@@ -113,7 +118,10 @@ class OpusEncoder:
     """Mono PCM16 at `rate` -> Opus packets, one per 20 ms frame (any 2.5-60 ms frame works).
 
     application "voip" favours speech intelligibility (what WebRTC uses for calls);
-    complexity 0-10 (None keeps libopus's default, 10) trades CPU for quality.
+    complexity 0-10 (None keeps libopus's default, 10) trades CPU for quality;
+    fec_loss_percent > 0 adds in-band FEC (each packet carries a coarse copy of the previous
+    frame) tuned for that much loss: the receiver can then rebuild a lost frame, for 20-50%
+    more encoding CPU.
     """
 
     def __init__(
@@ -123,6 +131,7 @@ class OpusEncoder:
         bitrate: int = 32000,
         application: str = "voip",
         complexity: int | None = None,
+        fec_loss_percent: int = 0,
     ) -> None:
         _check_rate(rate, "encode")
         lib = libopus()
@@ -138,6 +147,14 @@ class OpusEncoder:
             _check(
                 lib.opus_encoder_ctl(state, _SET_COMPLEXITY, ctypes.c_int32(complexity)),
                 "set complexity",
+            )
+        if fec_loss_percent > 0:
+            _check(lib.opus_encoder_ctl(state, _SET_INBAND_FEC, ctypes.c_int32(1)), "set FEC")
+            _check(
+                lib.opus_encoder_ctl(
+                    state, _SET_PACKET_LOSS_PERC, ctypes.c_int32(fec_loss_percent)
+                ),
+                "set expected loss",
             )
 
     def encode(self, pcm: np.ndarray) -> bytes:
@@ -155,7 +172,9 @@ class OpusDecoder:
     """Opus packets (mono or stereo coded) -> mono s16 `av.AudioFrame`s at `rate`.
 
     `decode(None, samples)` is libopus's packet-loss concealment: a frame that continues the
-    voice of the last one and fades out over a few lost packets.
+    voice of the last one and fades out over a few lost packets. `decode(next, samples,
+    fec=True)` rebuilds a lost frame from the in-band FEC the next packet carries (concealment
+    when it carries none; `has_fec` tells).
     """
 
     def __init__(self, rate: int) -> None:
@@ -170,11 +189,14 @@ class OpusDecoder:
         self.rate = rate
         self._max_samples = rate * _MAX_FRAME_MS // 1000
 
-    def decode(self, data: bytes | None, samples: int | None = None) -> av.AudioFrame:
+    def decode(
+        self, data: bytes | None, samples: int | None = None, *, fec: bool = False
+    ) -> av.AudioFrame:
         """Decode one packet; with `data` None, conceal a lost one of `samples` samples
-        (at `rate`; a multiple of 2.5 ms). Raises `OpusError` for a corrupt packet."""
-        if data is None:
-            size = 0
+        (at `rate`; a multiple of 2.5 ms); with `fec`, rebuild the lost frame before `data`.
+        Raises `OpusError` for a corrupt packet."""
+        if data is None or fec:
+            size = 0 if data is None else len(data)
             n = min(samples or self.rate // 50, self._max_samples)
         else:
             size = len(data)
@@ -182,10 +204,16 @@ class OpusDecoder:
             if not 0 < n <= self._max_samples:
                 raise OpusError(f"An Opus packet of {n} samples is out of range.", _HINT)
         frame = av.AudioFrame(format="s16", layout="mono", samples=n)
-        got = self._decode(self._state, data, size, frame.planes[0].buffer_ptr, n, 0)
-        _check(got, "decode" if data is not None else "concealment")
+        got = self._decode(self._state, data, size, frame.planes[0].buffer_ptr, n, int(fec))
+        _check(got, "concealment" if data is None else "FEC decode" if fec else "decode")
         frame.sample_rate = self.rate
         return frame
+
+    def has_fec(self, data: bytes) -> bool | None:
+        """Whether `data` carries in-band FEC for the frame before it (None: this libopus,
+        older than 1.5, cannot tell)."""
+        probe = getattr(self._lib, "opus_packet_has_lbrr", None)
+        return None if probe is None else probe(data, len(data)) > 0
 
     def __del__(self) -> None:
         state, self._state = getattr(self, "_state", None), None

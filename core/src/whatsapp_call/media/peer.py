@@ -44,7 +44,16 @@ from .sender import carry_audio_level
 log = logging.getLogger(__name__)
 _GATHER_GRACE = 2.0  # hard ceiling on setLocalDescription beyond gather_timeout
 # InboundAudioStats counters `inbound_counts()` reports (its delays are left out)
-INBOUND_COUNTS = ("packets", "frames", "concealed", "lost", "late", "duplicates", "resyncs")
+INBOUND_COUNTS = (
+    "packets",
+    "frames",
+    "concealed",
+    "fec_recovered",
+    "lost",
+    "late",
+    "duplicates",
+    "resyncs",
+)
 
 
 def rtc_ice_servers(servers: Sequence[IceServer]) -> list[RTCIceServer]:

@@ -251,10 +251,16 @@ def offer_problems(sdp: str) -> list[str]:
 
 
 def _rewrite(
-    sdp: str, *, setup: str | None, ice_lite: bool | None = None, what: str = "offer"
+    sdp: str,
+    *,
+    setup: str | None,
+    ice_lite: bool | None = None,
+    what: str = "offer",
+    opus_fmtp: str | None = None,
 ) -> str:
     """Drop non-sha-256 fingerprints and non-Opus codecs, optionally force a=setup and
-    a=ice-lite, and emit CRLF. Shared by `whatsapp_offer` and `whatsapp_answer`."""
+    a=ice-lite, give Opus `opus_fmtp` parameters when it has none, and emit CRLF. Shared by
+    `whatsapp_offer` and `whatsapp_answer`."""
     info = parse_sdp(sdp)
     if len(info.audio) != 1:
         raise MediaError(
@@ -297,6 +303,10 @@ def _rewrite(
         if in_audio and fmt_attr and fmt_attr.group(1) not in opus:
             continue
         out.append(line)
+        if in_audio and opus_fmtp and line.startswith("a=rtpmap:") and fmt_attr:
+            pt = fmt_attr.group(1)
+            if not any(x.startswith(f"a=fmtp:{pt} ") for x in split_lines(sdp)):
+                out.append(f"a=fmtp:{pt} {opus_fmtp}")
     if setup is not None and not any(line.startswith("a=setup:") for line in out):
         out.append(f"a=setup:{setup}")
     if ice_lite:
@@ -305,11 +315,16 @@ def _rewrite(
     return join_lines(out)
 
 
+#: what our offer asks of the caller's Opus encoder (RFC 7587): in-band FEC, which our
+#: receive buffer decodes to rebuild lost packets; 10 ms frames at the shortest (as Meta).
+OFFER_OPUS_FMTP = "minptime=10;useinbandfec=1"
+
+
 def whatsapp_offer(sdp: str) -> str:
     """Make an (aiortc) offer WhatsApp-ready: sha-256 fingerprint only, `a=setup:actpass`,
-    Opus only, CRLF. Raises `MediaError` when it cannot be fixed by rewriting (no audio, no
-    Opus, no sha-256 fingerprint, several audio sections)."""
-    return _rewrite(sdp, setup="actpass", what="offer")
+    Opus only (with `OFFER_OPUS_FMTP`), CRLF. Raises `MediaError` when it cannot be fixed by
+    rewriting (no audio, no Opus, no sha-256 fingerprint, several audio sections)."""
+    return _rewrite(sdp, setup="actpass", what="offer", opus_fmtp=OFFER_OPUS_FMTP)
 
 
 def whatsapp_answer(sdp: str, *, ice_lite: bool = False) -> str:

@@ -44,6 +44,7 @@ MEDIA_COUNTERS = {
     "inbound_frames": "Inbound audio frames decoded from callers.",
     "inbound_lost_frames": "Inbound packets given up on: not there by their playout time.",
     "inbound_concealed_frames": "Inbound frames synthesised (Opus PLC/FEC) for lost packets.",
+    "inbound_fec_recovered_frames": "Of those, frames rebuilt from the caller's in-band FEC.",
     "inbound_unread_frames": "Inbound frames dropped because the bridge did not read them.",
 }
 MEDIA_CALLS = "whatsapp_call_media_calls"
@@ -61,6 +62,7 @@ def media_counts(playout: Any, media: Any) -> dict[str, int]:
         "inbound_frames": inbound.get("frames", 0),
         "inbound_lost_frames": inbound.get("lost", 0),
         "inbound_concealed_frames": inbound.get("concealed", 0),
+        "inbound_fec_recovered_frames": inbound.get("fec_recovered", 0),
         "inbound_unread_frames": inbound.get("dropped_unread", 0),
     }
 
