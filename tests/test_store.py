@@ -225,6 +225,19 @@ async def test_two_instances_on_one_file_share_dedupe_and_transitions(tmp_path):
         await b.close()
 
 
+async def test_instances_opening_a_new_file_at_once_never_see_a_foreign_store(tmp_path):
+    """Both create-or-check the schema at the same moment: the one that loses the race must
+    see our store (consistent identity read), not "an SQLite database of another application"."""
+    for i in range(40):
+        stores = [SqliteCallStore(tmp_path / f"state{i}") for _ in range(3)]
+        try:
+            async with asyncio.timeout(20):
+                await asyncio.gather(*(s.open() for s in stores))
+        finally:
+            for store in stores:
+                await store.close()
+
+
 async def test_purge_deletes_old_ended_calls_and_dedupe_keys(store):
     old = await store.create_call(_call())
     await store.add_event(old.id, "x")

@@ -256,7 +256,7 @@ class SqliteCallStore(CallStore):
                 "another directory.",
             )
         conn.execute("PRAGMA foreign_keys = ON")
-        if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
+        if self._journal_mode_wal(conn) != "wal":
             raise self._unavailable("it cannot be switched to WAL mode")
         conn.execute("PRAGMA synchronous = NORMAL")
         if version < SCHEMA_VERSION:
@@ -264,10 +264,34 @@ class SqliteCallStore(CallStore):
         self._housekeeping(conn)
 
     @staticmethod
+    def _journal_mode_wal(conn: sqlite3.Connection) -> str:
+        """Switch to WAL. The switch needs the file to itself and SQLite answers "database is
+        locked" at once, without its busy wait, while another process is opening the same
+        new store (`serve --workers N` starting): retry for up to the busy timeout."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+        while True:
+            try:
+                return conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.01)
+
+    @staticmethod
     def _identity(conn: sqlite3.Connection) -> tuple[int, int, int]:
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        """(application_id, user_version, tables), read in one transaction: three separate
+        reads could straddle another process creating the schema (an id of 0 and then its
+        tables) and mistake our own store for another application's."""
+        own = not conn.in_transaction
+        if own:
+            conn.execute("BEGIN")
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        finally:
+            if own:
+                conn.execute("COMMIT")
         return app_id, version, tables
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
