@@ -134,6 +134,11 @@ async def test_timeout_after_the_offer_reached_the_provider_never_rings_twice(
         record = await call_and_wait(runtime)
         rung = await wait_until(lambda: sim_calls_to(sims), 5, "the simulator's call")
         await wait_until(lambda: rung[0].ended, 10, "the provider-side call to end")
+
+        async def terminated() -> bool:  # noted once the terminate request has returned
+            return "terminated_unknown_provider_call" in await event_types(runtime, record.id)
+
+        await wait_until(terminated, 5, "the terminate to be recorded")
         states = await states_of(runtime, record.id)
         types = await event_types(runtime, record.id)
         connects = proxy.count("POST", META_CALLS)
