@@ -66,21 +66,24 @@ class InboundAudioStats:
     resyncs: int = 0
     delays_ms: deque[float] = field(default_factory=lambda: deque(maxlen=5000))
 
+    COUNTS = (
+        "packets",
+        "frames",
+        "concealed",
+        "fec_recovered",
+        "lost",
+        "late",
+        "duplicates",
+        "resyncs",
+    )
+
+    def counts(self) -> dict[str, int]:
+        """The counters alone (cheap: no percentiles)."""
+        return {k: getattr(self, k) for k in self.COUNTS}
+
     def summary(self) -> dict[str, Any]:
         """A flat dict for metrics: counts and p50/p95/p99 of the stack delay in ms."""
-        out: dict[str, Any] = {
-            k: getattr(self, k)
-            for k in (
-                "packets",
-                "frames",
-                "concealed",
-                "fec_recovered",
-                "lost",
-                "late",
-                "duplicates",
-                "resyncs",
-            )
-        }
+        out: dict[str, Any] = self.counts()
         delays = sorted(self.delays_ms)
         for q in (50, 95, 99):
             out[f"delay_p{q}_ms"] = _percentile(delays, q / 100) if delays else None

@@ -37,23 +37,12 @@ from aiortc.rtcicetransport import parse_stun_turn_uri
 from ..errors import ConfigError, MediaError
 from ..models import IceServer
 from . import ice, rtp_fast
-from .jitter import ArrivalTap, LowLatencyAudioBuffer, install_receive_buffer
+from .jitter import ArrivalTap, InboundAudioStats, LowLatencyAudioBuffer, install_receive_buffer
 from .sdp import validate_answer, whatsapp_offer
 from .sender import carry_audio_level
 
 log = logging.getLogger(__name__)
 _GATHER_GRACE = 2.0  # hard ceiling on setLocalDescription beyond gather_timeout
-# InboundAudioStats counters `inbound_counts()` reports (its delays are left out)
-INBOUND_COUNTS = (
-    "packets",
-    "frames",
-    "concealed",
-    "fec_recovered",
-    "lost",
-    "late",
-    "duplicates",
-    "resyncs",
-)
 
 
 def rtc_ice_servers(servers: Sequence[IceServer]) -> list[RTCIceServer]:
@@ -168,8 +157,10 @@ class CallMedia:
     def inbound_counts(self) -> dict[str, int]:
         """The receive path's counters alone, cheap enough for every /metrics scrape
         (`inbound_stats()` also sorts up to 5,000 delays for its percentiles)."""
-        stats = self._buffer.stats if isinstance(self._buffer, LowLatencyAudioBuffer) else None
-        counts = {name: getattr(stats, name, 0) for name in INBOUND_COUNTS}
+        if isinstance(self._buffer, LowLatencyAudioBuffer):
+            counts = self._buffer.stats.counts()
+        else:
+            counts = dict.fromkeys(InboundAudioStats.COUNTS, 0)
         return {**counts, "dropped_unread": self.dropped_unread}
 
     def inbound_stats(self) -> dict[str, Any]:
