@@ -274,9 +274,10 @@ class LowLatencyAudioBuffer:
             return
         samples = self._frame_samples * self.rate // SAMPLE_RATE
         try:
-            if following is not None and self._decoder.has_fec(following) is not False:
+            has_fec = None if following is None else self._decoder.has_fec(following)
+            if following is not None and has_fec is not False:  # None: libopus cannot tell
                 frame = self._decoder.decode(following, samples, fec=True)
-                self.stats.fec_recovered += bool(self._decoder.has_fec(following))
+                self.stats.fec_recovered += bool(has_fec)
             else:
                 frame = self._decoder.decode(None, samples)
         except OpusError as exc:

@@ -280,7 +280,9 @@ def _rewrite(
         )
     out: list[str] = []
     in_audio = False
-    for line in split_lines(sdp):
+    lines = split_lines(sdp)
+    has_fmtp = {m.group(1) for m in map(_FORMAT_ATTR.match, lines) if m and "fmtp" in m.group(0)}
+    for line in lines:
         if line.startswith("m="):
             parts = line[2:].split()
             in_audio = parts[:1] == ["audio"]
@@ -305,7 +307,7 @@ def _rewrite(
         out.append(line)
         if in_audio and opus_fmtp and line.startswith("a=rtpmap:") and fmt_attr:
             pt = fmt_attr.group(1)
-            if not any(x.startswith(f"a=fmtp:{pt} ") for x in split_lines(sdp)):
+            if pt not in has_fmtp:
                 out.append(f"a=fmtp:{pt} {opus_fmtp}")
     if setup is not None and not any(line.startswith("a=setup:") for line in out):
         out.append(f"a=setup:{setup}")
